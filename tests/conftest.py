@@ -1,0 +1,72 @@
+"""Shared builders for tests: random trajectories with exact cumulative or re-rendered contexts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from steppo.core.records import Step, Trajectory
+
+
+def make_trajectory(
+    rng: random.Random,
+    traj_id: str,
+    group_id: str = "g0",
+    num_steps: int | None = None,
+    cumulative: bool | None = None,
+    end: str | None = None,
+    vocab: int = 50,
+    anchors: int = 3,
+    with_bootstrap: bool | None = None,
+) -> Trajectory:
+    """A random episode. Cumulative contexts make step t+1's prompt = prompt + response + obs;
+    otherwise some steps re-render their prompt (a fresh token list), starting a new chain."""
+    num_steps = num_steps or rng.randint(1, 5)
+    cumulative = rng.random() < 0.7 if cumulative is None else cumulative
+    end = end or rng.choice(["terminated", "truncated"])
+    steps: list[Step] = []
+    prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
+    for t in range(num_steps):
+        response = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
+        last = t == num_steps - 1
+        steps.append(
+            Step(
+                prompt_ids=list(prompt),
+                response_ids=response,
+                logprobs=[-rng.random() * 3 for _ in response],
+                reward=rng.choice([0.0, 0.0, 1.0, -0.5]),
+                terminated=last and end == "terminated",
+                truncated=last and end == "truncated",
+                anchor=f"s{rng.randrange(anchors)}" if rng.random() < 0.8 else None,
+            )
+        )
+        obs = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 4))]
+        if cumulative or rng.random() < 0.5:
+            prompt = prompt + response + obs
+        else:
+            prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
+    bootstrap = None
+    if end == "truncated" and (with_bootstrap if with_bootstrap is not None else rng.random() < 0.5):
+        bootstrap = list(prompt)
+    return Trajectory(steps=steps, id=traj_id, group_id=group_id, bootstrap_ids=bootstrap)
+
+
+def make_batch(seed: int, num: int = 6, groups: int = 2, **kw) -> list[Trajectory]:
+    rng = random.Random(seed)
+    return [make_trajectory(rng, f"t{i}", f"g{i % groups}", **kw) for i in range(num)]
+
+
+def causal_readout(input_ids: torch.Tensor, salt: float = 0.0) -> torch.Tensor:
+    """(R, L) -> (R, L, 3) outputs that depend only on tokens up to each position and the
+    position itself, like any causal model: used to check that layouts agree."""
+    L = input_ids.shape[1]
+    pos = torch.arange(L, dtype=torch.float64)
+    mixed = torch.cumsum(torch.sin(input_ids.double() * 1.618 + pos * 0.37 + salt), dim=1)
+    return torch.stack([torch.sin(mixed), torch.cos(mixed * 0.5), torch.tanh(mixed * 0.1)], -1)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(0)

@@ -1,0 +1,230 @@
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from steppo.core.batch import StepBatch, build_layout
+from steppo.core.credit import estimate_credit
+from steppo.core.losses import segment_mean
+from steppo.core.records import RecordError, Step, Trajectory
+from tests.conftest import causal_readout, make_trajectory
+
+
+def _step(prompt, response, **kw):
+    return Step(prompt_ids=prompt, response_ids=response, logprobs=[-1.0] * len(response), **kw)
+
+
+def test_step_rejects_mismatched_logprobs_and_empty_ids():
+    with pytest.raises(RecordError, match="log-prob"):
+        Step(prompt_ids=[1], response_ids=[2, 3], logprobs=[-1.0])
+    with pytest.raises(RecordError, match="response"):
+        Step(prompt_ids=[1], response_ids=[], logprobs=[])
+    with pytest.raises(RecordError, match="prompt"):
+        Step(prompt_ids=[], response_ids=[2], logprobs=[-1.0])
+    with pytest.raises(RecordError, match="both"):
+        _step([1], [2], terminated=True, truncated=True)
+
+
+def test_trajectory_rejects_early_end_and_stray_bootstrap():
+    with pytest.raises(RecordError, match="not the last step"):
+        Trajectory(steps=[_step([1], [2], terminated=True), _step([1, 2, 3], [4])], id="a", group_id="g")
+    with pytest.raises(RecordError, match="no steps"):
+        Trajectory(steps=[], id="a", group_id="g")
+    with pytest.raises(RecordError, match="bootstrap"):
+        Trajectory(steps=[_step([1], [2], terminated=True)], id="a", group_id="g", bootstrap_ids=[1, 2])
+
+
+def _two_trajectories():
+    # Trajectory a: 3 steps; step 1 extends step 0 (cumulative), step 2 is re-rendered.
+    a = Trajectory(
+        steps=[
+            _step([1, 2, 3], [4, 5], reward=0.0),
+            _step([1, 2, 3, 4, 5, 6], [7], reward=0.0),
+            _step([9, 9], [8, 8, 8], reward=1.0, terminated=True),
+        ],
+        id="a",
+        group_id="task",
+    )
+    # Trajectory b: 1 step, truncated, bootstrap state extends its context.
+    b = Trajectory(
+        steps=[_step([1, 2], [3], reward=0.5, truncated=True)],
+        id="b",
+        group_id="task",
+        bootstrap_ids=[1, 2, 3, 6, 6],
+    )
+    return [a, b]
+
+
+def test_step_batch_hand_example():
+    batch = StepBatch.from_trajectories(_two_trajectories())
+    assert batch.step_slots.tolist() == [[0, 1, 2], [3, -1, -1]]
+    assert batch.token_slots.tolist() == [[0, 1, 2, 3, 4, 5], [6, -1, -1, -1, -1, -1]]
+    assert batch.step_traj.tolist() == [0, 0, 0, 1]
+    assert batch.step_index.tolist() == [0, 1, 2, 0]
+    assert batch.response_lengths.tolist() == [2, 1, 3, 1]
+    assert batch.token_step.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert batch.terminated.tolist() == [True, False]
+    assert batch.truncated.tolist() == [False, True]
+    assert batch.group.tolist() == [0, 0]
+    assert batch.step_end.tolist() == [
+        [False, True, True, False, False, True],
+        [True, False, False, False, False, False],
+    ]
+    assert batch.last_step().tolist() == [2, 3]
+
+
+def test_per_step_layout_hand_example():
+    layout = build_layout(_two_trajectories(), "per_step", pad_id=0)
+    assert layout.input_ids.tolist() == [
+        [1, 2, 3, 4, 5, 0, 0],
+        [1, 2, 3, 4, 5, 6, 7],
+        [9, 9, 8, 8, 8, 0, 0],
+        [1, 2, 3, 0, 0, 0, 0],
+        [1, 2, 3, 6, 6, 0, 0],  # bootstrap state row for b
+    ]
+    assert layout.value_rows.tolist() == [0, 1, 2, 3]
+    assert layout.value_cols.tolist() == [2, 5, 1, 1]
+    assert layout.action_rows.tolist() == [0, 0, 1, 2, 2, 2, 3]
+    assert layout.action_cols.tolist() == [3, 4, 6, 2, 3, 4, 2]
+    assert layout.bootstrap_rows.tolist() == [-1, 4]
+    assert layout.bootstrap_cols.tolist() == [-1, 4]
+    assert layout.num_input_tokens == 5 + 7 + 5 + 3 + 5
+
+
+def test_prefix_shared_layout_hand_example():
+    layout = build_layout(_two_trajectories(), "prefix_shared", pad_id=0)
+    assert layout.input_ids.tolist() == [
+        [1, 2, 3, 4, 5, 6, 7],  # steps 0 and 1 of a share one row
+        [9, 9, 8, 8, 8, 0, 0],  # step 2 of a was re-rendered: new row
+        [1, 2, 3, 6, 6, 0, 0],  # b and its bootstrap state extend one row
+    ]
+    assert layout.value_rows.tolist() == [0, 0, 1, 2]
+    assert layout.value_cols.tolist() == [2, 5, 1, 1]
+    assert layout.action_rows.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert layout.action_cols.tolist() == [3, 4, 6, 2, 3, 4, 2]
+    assert layout.bootstrap_rows.tolist() == [-1, 2]
+    assert layout.bootstrap_cols.tolist() == [-1, 4]
+    assert layout.num_input_tokens == 7 + 5 + 5
+    assert layout.action_mask.sum() == 7
+
+
+def test_unknown_layout_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown layout"):
+        build_layout(_two_trajectories(), "packed")
+
+
+def test_truncated_without_bootstrap_reads_last_response_token():
+    traj = Trajectory(steps=[_step([1, 2], [3, 4], truncated=True)], id="x", group_id="g")
+    for kind in ("per_step", "prefix_shared"):
+        layout = build_layout([traj], kind)
+        assert (layout.bootstrap_rows.item(), layout.bootstrap_cols.item()) == (0, 3)
+
+
+def _per_step_numbers(trajs, kind):
+    """Per-step log-prob sums, step ratios, values, bootstrap values and advantages that a
+    causal model gives in this layout."""
+    batch = StepBatch.from_trajectories(trajs)
+    layout = build_layout(trajs, kind)
+    out = causal_readout(layout.input_ids)
+    token_logprobs = -torch.nn.functional.softplus(layout.gather_actions(out[..., 0]) * 3)
+    values = layout.gather_values(out[..., 1])
+    token_values = layout.gather_actions(out[..., 1])
+    boot = layout.gather_bootstrap(out[..., 2])
+    S = batch.num_steps
+    logprob_sums = torch.zeros(S, dtype=torch.float64).index_add_(0, batch.token_step, token_logprobs)
+    log_ratio = segment_mean(token_logprobs - batch.old_logprobs.double(), batch.token_step, S)
+    credit = estimate_credit(
+        batch, "step_gae", step_values=values.float(), bootstrap=boot.float(), gamma=0.9, lam=0.8, whiten_mode="step"
+    )
+    token_credit = estimate_credit(
+        batch, "token_gae", token_values=token_values.float(), bootstrap=boot.float(), gamma=0.9, lam=0.8
+    )
+    return dict(
+        logprob_sums=logprob_sums,
+        step_ratio=log_ratio.exp(),
+        values=values,
+        bootstrap=boot,
+        step_adv=credit.step_advantages,
+        token_adv=credit.token_advantages,
+        token_gae_adv=token_credit.token_advantages,
+        token_gae_ret=token_credit.returns,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), num=st.integers(1, 8))
+def test_both_layouts_give_identical_per_step_results(seed, num):
+    rng = random.Random(seed)
+    trajs = [make_trajectory(rng, f"t{i}", f"g{i % 3}") for i in range(num)]
+    a = _per_step_numbers(trajs, "per_step")
+    b = _per_step_numbers(trajs, "prefix_shared")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=key)
+    assert build_layout(trajs, "prefix_shared").num_input_tokens <= build_layout(trajs, "per_step").num_input_tokens
+
+
+def test_prefix_shared_reads_each_shared_token_once():
+    rng = random.Random(3)
+    trajs = [make_trajectory(rng, f"t{i}", num_steps=6, cumulative=True, end="terminated") for i in range(4)]
+    shared = build_layout(trajs, "prefix_shared")
+    assert shared.num_rows == 4  # one chain per trajectory
+    distinct = sum(len(t.steps[-1].context_ids) for t in trajs)
+    assert shared.num_input_tokens == distinct
+    assert build_layout(trajs, "per_step").num_input_tokens == sum(
+        len(s.context_ids) for t in trajs for s in t.steps
+    )
+
+
+def test_both_layouts_agree_with_a_real_causal_transformer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+    ).eval()
+    rng = random.Random(11)
+    trajs = [make_trajectory(rng, f"t{i}", vocab=60) for i in range(5)]
+    results = []
+    for kind in ("per_step", "prefix_shared"):
+        layout = build_layout(trajs, kind)
+        with torch.no_grad():
+            logits = model(
+                input_ids=layout.input_ids,
+                attention_mask=layout.attention_mask.long(),
+                position_ids=layout.position_ids,
+            ).logits
+        logp = torch.log_softmax(logits, -1)
+        token_lp = layout.gather_actions(logp).gather(-1, layout.input_ids[layout.action_rows, layout.action_cols].unsqueeze(-1))
+        results.append((token_lp.squeeze(-1), layout.gather_values(logits[..., 0])))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch_collates():
+    batch = StepBatch.from_trajectories([])
+    assert batch.num_trajectories == 0 and batch.num_steps == 0 and batch.num_tokens == 0
+    layout = build_layout([], "prefix_shared")
+    assert layout.num_rows == 0
+
+
+def test_outputs_at_unread_positions_change_nothing():
+    rng = random.Random(5)
+    trajs = [make_trajectory(rng, f"t{i}") for i in range(6)]
+    for kind in ("per_step", "prefix_shared"):
+        layout = build_layout(trajs, kind)
+        out = causal_readout(layout.input_ids)[..., 0]
+        read = torch.zeros_like(layout.attention_mask)
+        read[layout.action_rows, layout.action_cols - 1] = True
+        read[layout.value_rows, layout.value_cols] = True
+        has = layout.bootstrap_rows >= 0
+        read[layout.bootstrap_rows[has], layout.bootstrap_cols[has]] = True
+        noisy = torch.where(read, out, torch.randn_like(out) * 1e3)
+        torch.testing.assert_close(layout.gather_actions(noisy), layout.gather_actions(out))
+        torch.testing.assert_close(layout.gather_values(noisy), layout.gather_values(out))
+        torch.testing.assert_close(layout.gather_bootstrap(noisy), layout.gather_bootstrap(out))
+        assert not read[~layout.attention_mask].any()  # nothing is read at padding

@@ -1,0 +1,177 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from steppo.core.losses import (
+    aggregation_weights,
+    entropy_from_logits,
+    explained_variance,
+    kl_loss,
+    kl_penalty,
+    policy_loss,
+    ratio_units,
+    segment_mean,
+    value_loss,
+)
+
+T = torch.tensor
+
+
+def _loss(lp, old, adv, token_step, step_traj, level="token", agg="token-mean", **kw):
+    token_traj = step_traj[token_step]
+    units, n = ratio_units(level, token_step, token_traj)
+    w = aggregation_weights(agg, token_step, step_traj)
+    return policy_loss(lp, old, adv, w, units, n, **kw)
+
+
+def test_token_ppo_clip_hand_computed():
+    lp = T([math.log(1.5), math.log(0.5)], requires_grad=True)
+    loss, stats = _loss(lp, T([0.0, 0.0]), T([1.0, -1.0]), T([0, 1]), T([0, 0]))
+    # ratio 1.5 with A=1 -> max(-1.5, -1.2) = -1.2; ratio 0.5 with A=-1 -> max(0.5, 0.8) = 0.8
+    torch.testing.assert_close(loss, T(-0.2))
+    assert stats["clip_frac"].item() == 1.0
+    loss.backward()
+    assert torch.all(lp.grad == 0)  # both clipped
+
+
+def test_dual_clip_bounds_negative_advantage_losses():
+    lp = T([math.log(5.0)], requires_grad=True)
+    plain, _ = _loss(lp, T([0.0]), T([-1.0]), T([0]), T([0]))
+    dual, _ = _loss(lp, T([0.0]), T([-1.0]), T([0]), T([0]), dual_clip=3.0)
+    torch.testing.assert_close(plain, T(5.0))
+    torch.testing.assert_close(dual, T(3.0))
+    with pytest.raises(ValueError, match="dual_clip"):
+        _loss(lp, T([0.0]), T([-1.0]), T([0]), T([0]), dual_clip=0.5)
+
+
+def test_step_ratio_is_the_geometric_mean_and_clips_per_step():
+    # One step of two tokens with log-ratios 0.0 and 0.3: w = exp(0.15) = 1.162 > 1.1.
+    lp = T([0.0, 0.3], requires_grad=True)
+    loss, stats = _loss(lp, T([0.0, 0.0]), T([1.0, 1.0]), T([0, 0]), T([0]), level="step", clip_low=0.1, clip_high=0.1)
+    torch.testing.assert_close(stats["ratio_mean"], T(math.exp(0.15)))
+    torch.testing.assert_close(loss, T(-1.1))
+    loss.backward()
+    # The whole step is clipped, token 0 included although its own ratio is exactly 1.
+    assert torch.all(lp.grad == 0)
+    lp2 = T([0.0, 0.3], requires_grad=True)
+    _loss(lp2, T([0.0, 0.0]), T([1.0, 1.0]), T([0, 0]), T([0]), level="token", clip_low=0.1, clip_high=0.1)[0].backward()
+    assert lp2.grad[0] != 0 and lp2.grad[1] == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), eps=st.sampled_from([0.2, 0.05, 3e-4]))
+def test_step_mean_gradient_equals_the_per_step_objective(seed, eps):
+    """sum over steps of -min(w_t A_t, clip(w_t) A_t) / S with w_t = exp(mean log-ratio)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (5,), generator=g)
+    token_step = torch.repeat_interleave(torch.arange(5), lengths)
+    step_traj = T([0, 0, 1, 1, 1])
+    N = int(lengths.sum())
+    old = -torch.rand(N, generator=g)
+    base = old + 0.1 * torch.randn(N, generator=g)
+    step_adv = torch.randn(5, generator=g)
+    lp = base.clone().requires_grad_(True)
+    loss, _ = _loss(lp, old, step_adv[token_step], token_step, step_traj, level="step", agg="step-mean", clip_low=eps, clip_high=eps)
+    loss.backward()
+    lp_ref = base.clone().requires_grad_(True)
+    w = torch.exp(segment_mean(lp_ref - old, token_step, 5))
+    ref = -torch.minimum(w * step_adv, torch.clamp(w, 1 - eps, 1 + eps) * step_adv).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lp.grad, lp_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_episode_step_ratio_equals_sequence_ratio():
+    g = torch.Generator().manual_seed(0)
+    lp, old, adv = torch.randn(6, generator=g), torch.randn(6, generator=g), torch.ones(6)
+    token_step, step_traj = torch.zeros(6, dtype=torch.long), T([0])
+    step = _loss(lp, old, adv, token_step, step_traj, level="step")
+    seq = _loss(lp, old, adv, token_step, step_traj, level="trajectory")
+    torch.testing.assert_close(step[0], seq[0])
+    torch.testing.assert_close(step[1]["ratio_mean"], seq[1]["ratio_mean"])
+
+
+def test_log_ratio_clamp_keeps_ratios_finite():
+    loss, stats = _loss(T([200.0]), T([0.0]), T([-1.0]), T([0]), T([0]))
+    torch.testing.assert_close(stats["ratio_mean"], T(math.exp(10.0)))
+    assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def test_aggregation_weights_hand_computed():
+    token_step = T([0, 0, 0, 1, 2, 2])  # steps of 3, 1, 2 tokens
+    step_traj = T([0, 0, 1])
+    torch.testing.assert_close(aggregation_weights("token-mean", token_step, step_traj), torch.full((6,), 1 / 6))
+    torch.testing.assert_close(
+        aggregation_weights("step-mean", token_step, step_traj),
+        T([1 / 9, 1 / 9, 1 / 9, 1 / 3, 1 / 6, 1 / 6]),
+    )
+    torch.testing.assert_close(
+        aggregation_weights("trajectory-mean", token_step, step_traj),
+        T([1 / 12, 1 / 12, 1 / 12, 1 / 4, 1 / 4, 1 / 4]),
+    )
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregation_weights("seq-sum", token_step, step_traj)
+    assert aggregation_weights("step-mean", T([], dtype=torch.long), T([], dtype=torch.long)).numel() == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), mode=st.sampled_from(["token-mean", "step-mean", "trajectory-mean"]))
+def test_micro_batches_with_global_weights_sum_to_the_full_loss(seed, mode):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 5, (6,), generator=g)
+    token_step = torch.repeat_interleave(torch.arange(6), lengths)
+    step_traj = T([0, 0, 1, 2, 2, 2])
+    N = int(lengths.sum())
+    lp, old, adv = torch.randn(N, generator=g), torch.randn(N, generator=g), torch.randn(N, generator=g)
+    units, n = ratio_units("step", token_step, step_traj[token_step])
+    w = aggregation_weights(mode, token_step, step_traj)
+    assert abs(float(w.sum()) - 1.0) < 1e-5
+    full, _ = policy_loss(lp, old, adv, w, units, n)
+    cut = int(torch.cumsum(lengths, 0)[2])  # micro-batches split at a step boundary
+    parts = sum(policy_loss(lp[s], old[s], adv[s], w[s], units[s], n)[0] for s in (slice(0, cut), slice(cut, N)))
+    torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- KL, entropy, value
+
+
+def test_kl_estimators_hand_computed():
+    lp, ref = T([math.log(0.5)]), T([math.log(0.25)])
+    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), T([math.log(2)]))
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), T([0.5 * math.log(2) ** 2]))
+    torch.testing.assert_close(kl_penalty(lp, ref, "k3"), T([0.5 - 1 + math.log(2)]))
+    torch.testing.assert_close(kl_loss(T([0.0, 0.0]), T([0.0, 0.0]), T([0.5, 0.5])), T(0.0))
+    with pytest.raises(ValueError, match="KL"):
+        kl_penalty(lp, ref, "k4")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-20, 5), min_size=1, max_size=8), st.lists(st.floats(-20, 5), min_size=1, max_size=8))
+def test_k3_is_non_negative(a, b):
+    n = min(len(a), len(b))
+    assert (kl_penalty(T(a[:n]), T(b[:n]), "k3") >= -1e-6).all()
+
+
+def test_entropy_of_uniform_logits_is_log_vocab():
+    torch.testing.assert_close(entropy_from_logits(torch.zeros(3, 7)), torch.full((3,), math.log(7)))
+
+
+def test_clipped_value_loss_hand_computed():
+    loss, stats = value_loss(T([1.0]), T([0.0]), T([2.0]), clip=0.5)
+    # unclipped (1-2)^2 = 1, clipped V = 0.5 -> (0.5-2)^2 = 2.25; 0.5 * max = 1.125
+    torch.testing.assert_close(loss, T(1.125))
+    assert stats["clip_frac"].item() == 1.0
+    loss, _ = value_loss(T([1.0, 3.0]), T([0.0, 0.0]), T([2.0, 3.0]), clip=None)
+    torch.testing.assert_close(loss, T(0.25))
+
+
+def test_explained_variance():
+    assert explained_variance(T([1.0, 2.0, 3.0]), T([1.0, 2.0, 3.0])) == 1.0
+    assert explained_variance(T([0.0, 0.0]), T([1.0, -1.0])) == 0.0
+    assert math.isnan(explained_variance(T([1.0]), T([1.0])))
