@@ -70,3 +70,27 @@ def causal_readout(input_ids: torch.Tensor, salt: float = 0.0) -> torch.Tensor:
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny model + tokenizer trained on compass text (both tool-call and plain formats)."""
+    from steppo.envs.compass import CompassEnv
+    from steppo.models.builtin import build_tiny
+    from steppo.trainer.trainer import env_corpus
+
+    env = CompassEnv()
+    corpus = env_corpus(env, env.tasks("train"), limit=100)
+    tool_env = CompassEnv(action_format="tool_call")
+    corpus += env_corpus(tool_env, tool_env.tasks("train"), limit=50)
+    return build_tiny(corpus, tmp_path_factory.mktemp("tiny"), vocab_size=512, seed=0)
+
+
+@pytest.fixture
+def tiny_models(tiny_dir):
+    from steppo.config import ModelConfig
+    from steppo.models.build import build_models
+
+    torch.manual_seed(0)
+    return build_models(ModelConfig(device="cpu"), base_path=tiny_dir, with_critic=True, shared_critic=False,
+                        with_reference=False, temperature=1.0)

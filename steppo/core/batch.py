@@ -350,6 +350,12 @@ def _plan_prefix_shared(trajectories: Sequence[Trajectory]) -> _RowPlan:
     return plan
 
 
+def input_tokens(trajectory: Trajectory, kind: str) -> int:
+    """Model-input tokens one trajectory costs in a layout (the sum of its row lengths)."""
+    plan = _plan_per_step([trajectory]) if kind == "per_step" else _plan_prefix_shared([trajectory])
+    return sum(len(r) for r in plan.rows)
+
+
 def build_layout(
     trajectories: Sequence[Trajectory], kind: str = "prefix_shared", pad_id: int = 0
 ) -> TokenLayout:

@@ -1,0 +1,153 @@
+"""The ``steppo`` command: train, eval, sft.
+
+    steppo train                                  # the embedded default: tiny + SFT + StepPO on compass
+    steppo train algo=grpo trainer.iterations=20 run.output_dir=runs/grpo
+    steppo train --config configs/compass.yaml --resume
+    steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
+    steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from steppo.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steppo", description="Step-level RL for LLM agents.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, helptext in [
+        ("train", "train a policy (SFT warm start for tiny, then RL)"),
+        ("sft", "behaviour cloning on expert trajectories only"),
+        ("eval", "evaluate a checkpoint or model on an environment's held-out split"),
+    ]:
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo=grpo trainer.iterations=10")
+        sp.add_argument("--config", help="YAML config file applied before the overrides")
+        if name == "train":
+            sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+        if name == "eval":
+            sp.add_argument("--checkpoint", help="checkpoint directory (…/checkpoints/iter_N)")
+            sp.add_argument("--split", help="split to evaluate (default env.eval_split)")
+            sp.add_argument("--episodes", type=int, help="episodes (default trainer.eval_episodes)")
+            sp.add_argument("--sampled", action="store_true", help="sample instead of greedy decoding")
+            sp.add_argument("--json", help="also write the summary to this file")
+    return p
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_train(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from steppo.trainer.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    console = _console()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume=args.resume, log=console.print)
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, disable=not cfg.run.progress,
+        ) as bar:
+            task = bar.add_task(f"{cfg.algo.name} on {cfg.env.name}", total=cfg.trainer.iterations,
+                                completed=trainer.iteration, info="")
+
+            def progress(it: int, total: int, m: dict) -> None:
+                info = f"reward {m.get('train/reward_mean', 0):.2f} success {m.get('train/success', 0):.2f}"
+                if "eval/success" in m:
+                    info += f" eval {m['eval/success']:.2f}"
+                bar.update(task, completed=it, info=info)
+
+            summary = trainer.train(progress)
+    finally:
+        trainer.close()
+    table = Table(title=f"StepPO run: {cfg.run.output_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    last = summary.get("last", {})
+    rows = [
+        ("algorithm", cfg.algo.name), ("environment", cfg.env.name), ("model", cfg.model.name),
+        ("iterations", str(trainer.iteration)), ("env steps", str(trainer.env_steps)),
+        ("held-out success before RL (greedy)", _fmt(summary.get("eval/success_before"))),
+        ("held-out success after RL (greedy)", _fmt(summary.get("eval/success_after"))),
+        ("held-out success before RL (sampled)", _fmt(summary.get("eval_sampled/success_before"))),
+        ("held-out success after RL (sampled)", _fmt(summary.get("eval_sampled/success_after"))),
+        ("last train success", _fmt(last.get("train/success"))),
+        ("wall time", f"{time.perf_counter() - t0:.0f} s"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}, default=str))
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def cmd_sft(args) -> int:
+    from steppo.trainer.trainer import Trainer
+
+    cfg = load_config(args.config, list(args.overrides) + ["sft.enabled=true"])
+    console = _console()
+    trainer = Trainer(cfg, log=console.print)
+    try:
+        metrics = trainer.warm_start()
+        metrics.update(trainer.evaluate("sft"))
+        trainer.runlog.log({"iteration": 0, **metrics})
+        path = trainer.save()
+    finally:
+        trainer.close()
+    console.print(f"SFT checkpoint: {path}  (use it with model.name={path / 'policy'})")
+    print(json.dumps(metrics, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from steppo.evaluate import evaluate, format_table
+
+    cfg = load_config(args.config, args.overrides)
+    summary = evaluate(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                       split=args.split, episodes=args.episodes, greedy=not args.sampled)
+    _console().print(format_table(summary))
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars only: transformers' per-file bars and warnings are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval}[args.command](args)
+    except ConfigError as exc:
+        print(f"steppo: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

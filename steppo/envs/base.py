@@ -1,0 +1,159 @@
+"""The text-environment interface StepPO trains against (gymnasium-like, text in and out).
+
+An environment owns a fixed set of tasks per split (``train`` is what training samples; the
+evaluation splits are never sampled for training), resets to one task, and steps on the agent's
+raw response text::
+
+    env = make_env(cfg)
+    obs, info = env.reset(env.tasks("train")[0])
+    result = env.step("go north")          # -> Transition(observation, reward, terminated, truncated, info)
+
+``info`` keys the engine reads (all optional): ``success`` (bool, episode solved), ``score``,
+``invalid_action`` (bool: malformed or inadmissible action), ``anchor`` (canonical environment
+state key, for GiGPO; never the rendered prompt), ``admissible`` (list of valid commands).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from steppo.envs.actions import MalformedAction, ToolCall, parse_command, parse_tool_call
+
+SPLITS = ("train", "dev", "test")
+
+
+class EnvError(RuntimeError):
+    """An environment that cannot be built or used (missing package, data or bad settings)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One reproducible task: `id` is unique within the environment, `seed` fixes its content."""
+
+    id: str
+    split: str
+    seed: int
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+class Transition(NamedTuple):
+    observation: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any]
+
+
+@dataclass
+class EnvSettings:
+    """Settings every environment shares.
+
+    Attributes:
+        max_steps: episode step limit (the engine truncates after it).
+        invalid_action_penalty: reward added for a malformed or inadmissible action.
+        format_penalty: reward added when the response does not follow the required format
+            (e.g. a missing tool-call block); counted with invalid actions.
+        show_admissible: list the valid commands in each observation.
+        max_new_tokens: the response budget this environment's actions need (used when
+            rollout.max_new_tokens is not set).
+    """
+
+    max_steps: int = 10
+    invalid_action_penalty: float = 0.0
+    format_penalty: float = 0.0
+    show_admissible: bool = True
+    max_new_tokens: int = 64
+
+
+class TextEnv(abc.ABC):
+    """Base class: subclasses implement `tasks`, `_reset`, `_act` and optionally `expert_actions`.
+
+    `step` turns the response into an action (command or tool call), answers malformed ones
+    with an error observation and the configured penalty, and counts the step.
+    """
+
+    name: str = "env"
+    action_format: str = "text"  # "text" or "tool_call"
+    tools: dict[str, dict] | None = None  # tool name -> JSON schema, for tool_call envs
+
+    def __init__(self, settings: EnvSettings | None = None):
+        self.settings = settings or self.default_settings()
+        self.task: Task | None = None
+        self.steps_taken = 0
+
+    @classmethod
+    def default_settings(cls) -> EnvSettings:
+        """The settings this environment runs with unless the config says otherwise."""
+        return EnvSettings()
+
+    # --- what subclasses provide ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def tasks(self, split: str) -> list[Task]:
+        """The fixed, ordered task list of a split."""
+
+    @abc.abstractmethod
+    def _reset(self, task: Task) -> tuple[str, dict[str, Any]]:
+        """Start `task`; return the first observation (the task statement) and info."""
+
+    @abc.abstractmethod
+    def _act(self, action: str | ToolCall) -> Transition:
+        """Apply a well-formed action."""
+
+    def expert_actions(self, task: Task) -> list[str] | None:
+        """A response sequence that solves `task` (gold path, walkthrough), or None."""
+        return None
+
+    def system_prompt(self) -> str:
+        """Instructions shown once, before the task (tool schemas or command conventions)."""
+        return "You are an agent acting in a text environment. Reply with one command per turn."
+
+    # --- the interface ------------------------------------------------------------------------
+
+    def reset(self, task: Task) -> tuple[str, dict[str, Any]]:
+        self.task = task
+        self.steps_taken = 0
+        return self._reset(task)
+
+    def step(self, response: str) -> Transition:
+        if self.task is None:
+            raise EnvError(f"{self.name}: step() before reset()")
+        self.steps_taken += 1
+        action = self.parse(response)
+        if isinstance(action, MalformedAction):
+            return Transition(
+                observation=f"Invalid action: {action.reason}.",
+                reward=self.settings.format_penalty + self.settings.invalid_action_penalty,
+                terminated=False,
+                truncated=False,
+                info={"invalid_action": True, "malformed": True, "anchor": self.anchor()},
+            )
+        result = self._act(action)
+        if result.info.get("invalid_action"):
+            result = result._replace(reward=result.reward + self.settings.invalid_action_penalty)
+        return result
+
+    def parse(self, response: str) -> str | ToolCall | MalformedAction:
+        if self.action_format == "tool_call":
+            return parse_tool_call(response, self.tools)
+        return parse_command(response)
+
+    def anchor(self) -> str | None:
+        """Canonical key of the current environment state (GiGPO), or None."""
+        return None
+
+    def render(self, task_text: str, history: list[tuple[str, str]], observation: str) -> str:
+        """The whole next user message for ``context="env"`` (compressed state, spec §2):
+        the task, the last few actions with their results, and the current observation.
+        Environments with a richer state override this."""
+        lines = [task_text]
+        if history:
+            lines.append("Recent actions:")
+            lines += [f"> {a}\n{o}" for a, o in history[-3:]]
+        lines.append(f"Now: {observation}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Release external resources (a JVM, a game process)."""

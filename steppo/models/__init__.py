@@ -1,0 +1,1 @@
+"""Models around transformers: policy, critic, chat formatting, generation, built-ins."""

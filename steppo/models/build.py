@@ -1,0 +1,106 @@
+"""Resolve a model name to weights and assemble policy, critic and reference for a run."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from steppo.models.builtin import build_tiny, default_cache_dir, smollm2_135m
+from steppo.models.chat import ChatFormat
+from steppo.models.policy import (
+    Critic,
+    Policy,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    make_critic,
+    resolve_device,
+    resolve_dtype,
+)
+
+
+@dataclass
+class Models:
+    policy: Policy
+    critic: Critic | None
+    reference: Policy | None  # None: no KL, or LoRA (the policy with adapters off is the reference)
+    tokenizer: object
+    chat: ChatFormat
+    base_path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    def policy_reference(self):
+        """Context in which `reference_policy` computes the reference log-probs."""
+        return self.policy.reference() if self.reference is None else nullcontext()
+
+    @property
+    def reference_policy(self) -> Policy:
+        return self.policy if self.reference is None else self.reference
+
+
+def resolve_base_model(
+    name: str, run_dir: Path, corpus: Callable[[], list[str]], tiny_size: str, tiny_vocab: int,
+    seed: int, cache_dir: str | None,
+) -> Path:
+    """The directory holding the initial weights for `name`.
+
+    ``tiny`` is built once per run directory (tokenizer trained on `corpus()`), so resuming or
+    evaluating reuses the same vocabulary.
+    """
+    if name == "tiny":
+        target = run_dir / "base_model"
+        if not (target / "config.json").exists():
+            build_tiny(corpus(), target, vocab_size=tiny_vocab, size=tiny_size, seed=seed)
+        return target
+    if name == "smollm2-135m":
+        return smollm2_135m(Path(cache_dir) if cache_dir else default_cache_dir())
+    return Path(name) if Path(name).exists() else Path(name)  # local dir or hub id
+
+
+def build_models(model_cfg, *, base_path: Path, with_critic: bool, shared_critic: bool,
+                 with_reference: bool, temperature: float, policy_dir: Path | None = None,
+                 reference_path: Path | None = None) -> Models:
+    """Load tokenizer and policy (from `policy_dir` when resuming), then critic and reference
+    (frozen weights from `reference_path`, default the base model; with LoRA the reference is
+    the policy with its adapters switched off).
+
+    Args: model_cfg: `steppo.config.ModelConfig`.
+    """
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype)
+    weights_dtype = torch.float32 if device.type == "cpu" else dtype
+    tokenizer = load_tokenizer(base_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    chat = ChatFormat(tokenizer)
+    use_lora = model_cfg.lora_rank > 0
+    if use_lora:
+        base = load_causal_lm(base_path, weights_dtype, device)
+        if policy_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(policy_dir), is_trainable=True)
+        else:
+            model = apply_lora(base, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout, model_cfg.lora_targets)
+    else:
+        model = load_causal_lm(policy_dir or base_path, weights_dtype, device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(model, temperature=temperature)
+    critic = make_critic(policy, shared_critic) if with_critic else None
+    reference = None
+    if with_reference and not use_lora:
+        reference = load_reference(reference_path or base_path, weights_dtype, device, temperature)
+    return Models(policy, critic, reference, tokenizer, chat, base_path, device, dtype)
+
+
+def load_reference(path: Path, dtype: torch.dtype, device: torch.device, temperature: float) -> Policy:
+    model = load_causal_lm(path, dtype, device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Policy(model, temperature=temperature)

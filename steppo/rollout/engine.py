@@ -1,0 +1,401 @@
+"""The rollout engine: many episodes at once, generation batched across them, environments in
+worker threads, exact token ids from the first prompt to the last response.
+
+Loop (generation runs in the caller's thread)::
+
+    start episodes on free workers (env.reset in a worker thread)
+    repeat:
+        collect finished env calls -> next prompt ids (context policy) -> episode is ready
+        generate one response for every ready episode in one batch (up to max_batch)
+        hand each response text to its episode's worker (env.step) and go on
+
+``schedule="continuous"`` generates as soon as any episode is ready, so a slow environment
+never stalls the others. ``schedule="rounds"`` waits until every live episode is ready, so
+batches (and therefore results) do not depend on thread timing: bitwise reproducible on CPU.
+
+Context policies (how step t+1's prompt is built):
+
+* ``cumulative``: step t's prompt ids + response ids + the observation turn's ids. Nothing is
+  re-rendered, so consecutive steps extend each other exactly (prefix-shared training).
+* ``window``: the first prompt, then the last ``window`` (response, observation) turns, as the
+  exact ids they had: bounded context, still no re-tokenisation.
+* ``env``: the environment renders the whole next user message from its state (the paper's
+  compression); the prompt is built fresh each step.
+
+A prompt that leaves no room for ``max_new_tokens`` within ``context_limit`` ends the episode
+as truncated (reason ``context_overflow``), never a crash. An environment that raises or
+exceeds ``step_timeout_s`` ends its episode as truncated (``env_error`` / ``env_timeout``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from steppo.core.records import Step, Trajectory
+from steppo.envs.base import EnvSettings, Task, TextEnv, Transition
+from steppo.models.chat import ChatFormat
+from steppo.models.generation import Sample
+from steppo.rollout.workers import EnvWorker, WorkerPool
+
+CONTEXTS = ("cumulative", "window", "env")
+SCHEDULES = ("continuous", "rounds")
+
+
+class RolloutError(RuntimeError):
+    """No episode could run at all (every one failed the same way)."""
+
+
+class GenerationBackend(Protocol):
+    """What the engine needs from a generator: one response per prompt."""
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        generators: list[torch.Generator],
+        greedy: bool,
+        keys: list[str],
+    ) -> list[Sample]: ...
+
+    def release(self, key: str) -> None: ...
+
+
+@dataclass
+class RolloutSettings:
+    """How episodes are run.
+
+    Attributes:
+        context: cumulative | window | env (see module doc).
+        window: turns kept by the window context.
+        max_new_tokens: generation budget of one step (None = the environment's).
+        context_limit: longest prompt + response, in tokens.
+        temperature: sampling temperature (the trainer scores with the same).
+        max_batch: most episodes in one generation call.
+        num_envs: environment workers (episodes running at once).
+        step_timeout_s: longest env.reset / env.step before the episode is failed.
+        schedule: continuous | rounds (see module doc).
+        bootstrap_time_limit: treat the environment's step limit as a cut (truncated:
+            bootstrap with V(next state)) instead of the end of the task (terminal, return 0).
+            Off by default: when the limit is part of the task (ALFWorld's 50 steps, an
+            evaluation that counts it as failure) the return after it is 0, the critic never
+            sees states beyond it, and bootstrapping from them lets a policy collect value by
+            stalling. Context overflows and environment failures always bootstrap.
+    """
+
+    context: str = "cumulative"
+    window: int = 2
+    max_new_tokens: int | None = None
+    context_limit: int = 2048
+    temperature: float = 1.0
+    max_batch: int = 64
+    num_envs: int = 16
+    step_timeout_s: float = 60.0
+    schedule: str = "continuous"
+    bootstrap_time_limit: bool = False
+
+
+@dataclass
+class Episode:
+    index: int
+    key: str  # unique within the run: iteration/index, names the episode to the backend
+    task: Task
+    group_id: str
+    generator: torch.Generator
+    worker: EnvWorker | None = None
+    steps: list[Step] = field(default_factory=list)
+    task_text: str = ""
+    first_prompt: list[int] = field(default_factory=list)
+    turns: list[list[int]] = field(default_factory=list)  # response + observation ids per step
+    history: list[tuple[str, str]] = field(default_factory=list)  # (action text, observation)
+    prompt: list[int] | None = None
+    anchor: str | None = None
+    end_reason: str | None = None
+    success: bool = False
+    invalid_actions: int = 0
+    malformed_actions: int = 0
+    error: str | None = None
+    bootstrap_ids: list[int] | None = None
+
+
+@dataclass
+class RolloutResult:
+    """Finished trajectories plus what happened to every episode."""
+
+    trajectories: list[Trajectory]
+    episodes: list[Episode]
+    generated_tokens: int
+    generation_s: float
+    wall_s: float
+    env_calls: list[tuple[float, float, int]]  # (start, end, episode) of every env call
+    generation_calls: list[tuple[float, float]]
+
+    def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        eps = self.episodes
+        n = max(len(eps), 1)
+        steps = sum(len(e.steps) for e in eps)
+        reasons = Counter(e.end_reason for e in eps)
+        out = {
+            f"{prefix}episodes": float(len(eps)),
+            f"{prefix}success": sum(e.success for e in eps) / n,
+            f"{prefix}steps_mean": steps / n,
+            f"{prefix}truncated_frac": sum(e.end_reason != "terminated" for e in eps) / n,
+            f"{prefix}invalid_action_frac": sum(e.invalid_actions for e in eps) / max(steps, 1),
+            f"{prefix}malformed_action_frac": sum(e.malformed_actions for e in eps) / max(steps, 1),
+            f"{prefix}response_truncated_frac": sum(s.response_truncated for e in eps for s in e.steps) / max(steps, 1),
+            f"{prefix}env_failures": float(reasons["env_error"] + reasons["env_timeout"]),
+            f"{prefix}context_overflows": float(reasons["context_overflow"]),
+            f"{prefix}generated_tokens": float(self.generated_tokens),
+            f"{prefix}generation_tokens_per_s": self.generated_tokens / max(self.generation_s, 1e-9),
+        }
+        return out
+
+
+def episode_generator(seed: int, *parts: object) -> torch.Generator:
+    """A CPU generator seeded from (seed, parts), e.g. (iteration, episode index)."""
+    digest = hashlib.sha256(repr((seed, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class RolloutEngine:
+    """Runs episodes of one environment type with one policy (see module doc)."""
+
+    def __init__(
+        self,
+        env_factory: Callable[[], TextEnv],
+        chat: ChatFormat,
+        backend: GenerationBackend,
+        settings: RolloutSettings,
+        system_prompt: str | None,
+        env_settings: EnvSettings,
+        stop_ids: set[int] | None = None,
+    ):
+        if settings.context not in CONTEXTS:
+            raise ValueError(f"rollout.context must be one of {CONTEXTS}, got {settings.context!r}")
+        if settings.schedule not in SCHEDULES:
+            raise ValueError(f"rollout.schedule must be one of {SCHEDULES}, got {settings.schedule!r}")
+        self.settings = settings
+        self.chat = chat
+        self.backend = backend
+        self.system_prompt = system_prompt
+        self.max_steps = env_settings.max_steps
+        self.max_new_tokens = settings.max_new_tokens or env_settings.max_new_tokens
+        self.stop_ids = set(stop_ids or ()) | {chat.end_of_turn_id}
+        self.pool = WorkerPool(env_factory, settings.num_envs)
+        self._env_calls: list[tuple[float, float, int]] = []
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(
+        self,
+        tasks: list[Task],
+        group_ids: list[str],
+        seed: int,
+        iteration: int = 0,
+        greedy: bool = False,
+        policy_version: int = 0,
+    ) -> RolloutResult:
+        """Play one episode per task (tasks may repeat for group sampling)."""
+        t_start = time.perf_counter()
+        episodes = [
+            Episode(
+                index=i,
+                key=f"{iteration}/{i}",
+                task=t,
+                group_id=g,
+                generator=episode_generator(seed, iteration, i),
+            )
+            for i, (t, g) in enumerate(zip(tasks, group_ids))
+        ]
+        waiting = list(reversed(episodes))
+        inflight: dict[Future, tuple[Episode, str, float, float]] = {}  # fut -> (ep, kind, start, deadline)
+        ready: list[Episode] = []
+        live = 0
+        gen_tokens, gen_s = 0, 0.0
+        self._env_calls = []
+        gen_calls: list[tuple[float, float]] = []
+        while waiting or live:
+            while waiting and self.pool.free:
+                ep = waiting.pop()
+                ep.worker = self.pool.acquire()
+                live += 1
+                self._submit(inflight, ep, "reset", ep.task)
+            self._collect(inflight, ready, block=False)
+            must_wait = self.settings.schedule == "rounds" and inflight
+            if ready and not must_wait:
+                ready.sort(key=lambda e: e.index)
+                batch, ready[:] = ready[: self.settings.max_batch], ready[self.settings.max_batch:]
+                t0 = time.perf_counter()
+                samples = self.backend.generate(
+                    [e.prompt for e in batch],
+                    [self.max_new_tokens] * len(batch),
+                    [e.generator for e in batch],
+                    greedy,
+                    [e.key for e in batch],
+                )
+                t1 = time.perf_counter()
+                gen_s += t1 - t0
+                gen_calls.append((t0, t1))
+                for ep, sample in zip(batch, samples):
+                    gen_tokens += len(sample.response_ids)
+                    self._act(inflight, ep, sample, policy_version)
+            elif inflight:
+                self._collect(inflight, ready, block=True)
+            live = sum(1 for e in episodes if e.worker is not None)
+        trajectories = [t for t in (self._trajectory(e) for e in episodes) if t is not None]
+        failures = [e for e in episodes if e.end_reason == "env_error" and not e.steps]
+        if episodes and len(failures) == len(episodes):
+            raise RolloutError(f"no episode could start in the environment; first error: {failures[0].error}")
+        return RolloutResult(
+            trajectories=trajectories,
+            episodes=episodes,
+            generated_tokens=gen_tokens,
+            generation_s=gen_s,
+            wall_s=time.perf_counter() - t_start,
+            env_calls=list(self._env_calls),
+            generation_calls=gen_calls,
+        )
+
+    # ------------------------------------------------------------------ env side
+
+    def _submit(self, inflight, ep: Episode, method: str, arg: Any) -> None:
+        now = time.perf_counter()
+        fut = ep.worker.submit(method, arg)
+        inflight[fut] = (ep, method, now, now + self.settings.step_timeout_s)
+
+    def _collect(self, inflight, ready: list[Episode], block: bool) -> None:
+        if not inflight:
+            return
+        if block:
+            deadline = min(d for (_, _, _, d) in inflight.values())
+            wait(list(inflight), timeout=max(0.0, deadline - time.perf_counter()), return_when=FIRST_COMPLETED)
+        now = time.perf_counter()
+        for fut in list(inflight):
+            ep, method, start, deadline = inflight[fut]
+            if fut.done():
+                del inflight[fut]
+                self._env_calls.append((start, now, ep.index))
+                exc = fut.exception()
+                if exc is not None:
+                    self._fail(ep, "env_error", f"{type(exc).__name__}: {exc}", replace=True)
+                elif method == "reset":
+                    self._on_reset(ep, *fut.result(), ready=ready)
+                else:
+                    self._on_step(ep, fut.result(), ready)
+            elif now >= deadline:
+                del inflight[fut]
+                self._fail(ep, "env_timeout", f"env.{method} exceeded {self.settings.step_timeout_s}s", replace=True)
+
+    def _fail(self, ep: Episode, reason: str, message: str, replace: bool) -> None:
+        ep.error = message
+        ep.bootstrap_ids = None
+        self._finish(ep, reason, replace=replace)
+
+    def _finish(self, ep: Episode, reason: str, replace: bool = False, terminal: bool = False) -> None:
+        ep.end_reason = reason
+        if ep.steps:
+            last = ep.steps[-1]
+            last.terminated = terminal or reason == "terminated"
+            last.truncated = not last.terminated
+        if replace:
+            self.pool.replace(ep.worker)
+        else:
+            self.pool.release(ep.worker)
+        ep.worker = None
+        self.backend.release(ep.key)
+
+    def _on_reset(self, ep: Episode, observation: str, info: dict, ready: list[Episode]) -> None:
+        ep.task_text = observation
+        ep.anchor = info.get("anchor")
+        ep.first_prompt = self.chat.initial_prompt(self.system_prompt, observation)
+        self._set_prompt(ep, ep.first_prompt, ready)
+
+    def _set_prompt(self, ep: Episode, prompt: list[int], ready: list[Episode]) -> None:
+        if len(prompt) + self.max_new_tokens > self.settings.context_limit:
+            ep.error = f"prompt of {len(prompt)} tokens leaves no room for {self.max_new_tokens} new tokens"
+            self._finish(ep, "context_overflow")
+            return
+        ep.prompt = prompt
+        ready.append(ep)
+
+    def _act(self, inflight, ep: Episode, sample: Sample, policy_version: int) -> None:
+        text = self.chat.decode(sample.response_ids)
+        ep.steps.append(
+            Step(
+                prompt_ids=ep.prompt,
+                response_ids=sample.response_ids,
+                logprobs=sample.logprobs,
+                response_truncated=sample.cut,
+                policy_version=policy_version,
+                anchor=ep.anchor,
+                info={"action": text},
+            )
+        )
+        self._submit(inflight, ep, "step", text)
+
+    def _on_step(self, ep: Episode, result: Transition, ready: list[Episode]) -> None:
+        step = ep.steps[-1]
+        step.reward = float(result.reward)
+        step.info["observation"] = result.observation
+        info = result.info
+        ep.invalid_actions += bool(info.get("invalid_action"))
+        ep.malformed_actions += bool(info.get("malformed"))
+        ep.success = bool(info.get("success", ep.success))
+        ep.anchor = info.get("anchor")
+        ep.history.append((step.info["action"], result.observation))
+        closed = not step.response_truncated
+        turn = step.response_ids + self.chat.observation_ids(result.observation, closed)
+        ep.turns.append(turn)
+        if result.terminated:
+            self._finish(ep, "terminated")
+            return
+        next_prompt = self._next_prompt(ep, step, turn, result.observation)
+        if result.truncated or len(ep.steps) >= self.max_steps:
+            reason = "env_truncated" if result.truncated else "max_steps"
+            if self.settings.bootstrap_time_limit:
+                fits = len(next_prompt) <= self.settings.context_limit
+                ep.bootstrap_ids = next_prompt if fits else None
+                self._finish(ep, reason)
+            else:
+                self._finish(ep, reason, terminal=True)
+            return
+        self._set_prompt(ep, next_prompt, ready)
+
+    def _next_prompt(self, ep: Episode, step: Step, turn: list[int], observation: str) -> list[int]:
+        ctx = self.settings.context
+        if ctx == "cumulative":
+            return step.prompt_ids + turn
+        if ctx == "window":
+            kept = ep.turns[-self.settings.window:] if self.settings.window > 0 else []
+            return ep.first_prompt + [t for turn_ids in kept for t in turn_ids]
+        env_text = ep.worker.env.render(ep.task_text, ep.history[:-1], observation)
+        return self.chat.initial_prompt(self.system_prompt, env_text)
+
+    # ------------------------------------------------------------------ records
+
+    def _trajectory(self, ep: Episode) -> Trajectory | None:
+        if not ep.steps:
+            return None
+        return Trajectory(
+            steps=ep.steps,
+            id=f"{ep.task.id}#{ep.index}",
+            group_id=ep.group_id,
+            bootstrap_ids=ep.bootstrap_ids if ep.steps[-1].truncated else None,
+            info={
+                "task_id": ep.task.id,
+                "split": ep.task.split,
+                "success": ep.success,
+                "end_reason": ep.end_reason,
+                "invalid_actions": ep.invalid_actions,
+                "error": ep.error,
+            },
+        )

@@ -1,0 +1,1 @@
+"""The trainer: updates, warm start, checkpoints, run records."""

@@ -1,0 +1,335 @@
+"""The trainer: rollout -> credit assignment -> clipped updates -> metrics -> checkpoint.
+
+    trainer = Trainer(load_config(overrides=["algo=steppo", "trainer.iterations=50"]))
+    trainer.train()            # optional SFT warm start, then RL with periodic validation
+
+Every source of randomness is derived from (run.seed, iteration, ...) rather than carried
+state, so a run resumed from a checkpoint replays the same iterations as an uninterrupted one
+(with ``rollout.schedule=rounds`` bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from steppo.config import Config
+from steppo.core.batch import StepBatch, input_tokens
+from steppo.core.records import Trajectory
+from steppo.envs.base import Task, TextEnv
+from steppo.envs.registry import env_factory
+from steppo.models.build import Models, build_models, load_reference, resolve_base_model
+from steppo.rollout.engine import RolloutEngine, RolloutResult
+from steppo.rollout.local import LocalBackend
+from steppo.trainer import checkpoint as ckpt
+from steppo.trainer.sft import behaviour_cloning, expert_trajectories
+from steppo.trainer.tracking import RunLog
+from steppo.trainer.update import (
+    Optimiser,
+    UpdateSettings,
+    compute_credit,
+    critic_metrics,
+    ppo_update,
+    score_batch,
+)
+
+
+def derived_seed(*parts: object) -> int:
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def env_corpus(env: TextEnv, tasks: list[Task], limit: int = 400) -> list[str]:
+    """Text a tokenizer for this environment should know: prompts, expert actions and the
+    observations they lead to (on training tasks only)."""
+    texts = [env.system_prompt()]
+    for task in tasks[:limit]:
+        obs, _ = env.reset(task)
+        texts.append(obs)
+        for action in env.expert_actions(task) or []:
+            texts.append(action)
+            result = env.step(action)
+            texts.append(result.observation)
+            if result.terminated or result.truncated:
+                break
+    return texts
+
+
+class Trainer:
+    """Owns the models, optimisers, rollout engine and run directory of one run."""
+
+    def __init__(self, config: Config, resume: bool = False, log: Callable[[str], None] = print):
+        self.cfg = config.validate()
+        self.say = log
+        self.out = Path(self.cfg.run.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(self.cfg.run.seed)
+        self.make_env = env_factory(self.cfg.env)
+        self.env = self.make_env()  # for tasks, prompts and expert actions (not stepped by rollouts)
+        self.train_tasks = self.env.tasks(self.cfg.env.train_split)
+        self.eval_tasks = self.env.tasks(self.cfg.env.eval_split)[: self.cfg.trainer.eval_episodes]
+        if not self.train_tasks:
+            raise ValueError(f"environment {self.cfg.env.name} has no tasks in split {self.cfg.env.train_split!r}")
+        if {t.id for t in self.train_tasks} & {t.id for t in self.eval_tasks}:
+            raise ValueError("training and evaluation splits share tasks")
+        algo = self.cfg.algo
+        m = self.cfg.model
+        base = resolve_base_model(
+            m.name, self.out, lambda: env_corpus(self.make_env(), self.train_tasks), m.tiny_size, m.tiny_vocab,
+            self.cfg.run.seed, self.cfg.run.cache_dir,
+        )
+        resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        self.sft_dir = self.out / "sft_model"  # the warm-started policy: KL reference of the run
+        if resume and resume_from is None:
+            self.say(f"no checkpoint under {self.out / 'checkpoints'}; starting fresh")
+        self.models: Models = build_models(
+            m, base_path=base, with_critic=algo.critic, shared_critic=self.cfg.critic.shared,
+            with_reference=algo.uses_reference, temperature=self.cfg.rollout.temperature,
+            policy_dir=resume_from / "policy" if resume_from else None,
+            reference_path=self.sft_dir if (self.sft_dir / "config.json").exists() else None,
+        )
+        self.pad_id = self.models.tokenizer.pad_token_id
+        policy_params = [p for p in self.models.policy.parameters() if p.requires_grad]
+        warmup = self.cfg.trainer.lr_warmup_steps
+        self.policy_opt = Optimiser(policy_params, self.cfg.trainer.policy_lr, warmup)
+        critic = self.models.critic
+        self.critic_opt = None
+        if critic is not None:
+            own = [p for n, p in critic.named_parameters() if p.requires_grad]
+            self.critic_opt = Optimiser(own, self.cfg.trainer.critic_lr, warmup)
+        self.engine = RolloutEngine(
+            self.make_env,
+            self.models.chat,
+            LocalBackend(self.models.policy.model, {self.models.chat.end_of_turn_id},
+                         self.cfg.rollout.temperature, self.pad_id),
+            self.cfg.rollout,
+            self.env.system_prompt(),
+            self.env.settings,
+        )
+        self.iteration = 0
+        self.policy_version = 0
+        self.env_steps = 0
+        self.sft_done = False
+        if resume_from is not None:
+            self._restore(resume_from)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.runlog = RunLog(
+            self.out, self.cfg.run.trackers, self.cfg.to_dict(), self.cfg.run.wandb_project,
+            self.cfg.run.mlflow_uri, resume_after=self.iteration if resume_from else None,
+        )
+        if resume_from is not None:
+            self.say(f"resumed from {resume_from} (next iteration {self.iteration + 1})")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_trainer_state(path)
+        self.iteration = state["iteration"]
+        self.policy_version = state["policy_version"]
+        self.env_steps = state["env_steps"]
+        self.sft_done = state.get("sft_done", True)
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        if self.models.critic is not None:
+            ckpt.load_critic(self.models.critic, path)
+            self.critic_opt.load_state_dict(state["critic_opt"])
+        ckpt.set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        state = {
+            "iteration": self.iteration,
+            "policy_version": self.policy_version,
+            "env_steps": self.env_steps,
+            "sft_done": self.sft_done,
+            "policy_opt": self.policy_opt.state_dict(),
+            "critic_opt": self.critic_opt.state_dict() if self.critic_opt else None,
+        }
+        return ckpt.save_checkpoint(
+            self.out / "checkpoints", self.iteration, self.models.policy.model, self.models.tokenizer,
+            self.models.critic, state, self.cfg.trainer.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ pieces
+
+    def sample_tasks(self, iteration: int) -> tuple[list[Task], list[str]]:
+        """trajectories_per_iteration / group_size training tasks, each group_size times."""
+        g = self.cfg.algo.group_size
+        n = self.cfg.trainer.trajectories_per_iteration // g
+        rng = random.Random(derived_seed(self.cfg.run.seed, "tasks", iteration))
+        picked = rng.sample(self.train_tasks, n) if n <= len(self.train_tasks) else rng.choices(self.train_tasks, k=n)
+        tasks = [t for t in picked for _ in range(g)]
+        groups = [f"{t.id}@{iteration}" for t in tasks]
+        return tasks, groups
+
+    def evaluate(self, tag: Any, greedy: bool = True) -> dict[str, float]:
+        result = self.engine.run(
+            self.eval_tasks, [t.id for t in self.eval_tasks], self.cfg.run.seed,
+            iteration=f"eval-{tag}-{'greedy' if greedy else 'sampled'}", greedy=greedy,
+            policy_version=self.policy_version,
+        )
+        prefix = "eval/" if greedy else "eval_sampled/"
+        metrics = result.metrics(prefix)
+        metrics[f"{prefix}score"] = float(np.mean([t.total_reward for t in result.trajectories])) if result.trajectories else 0.0
+        return metrics
+
+    def warm_start(self) -> dict[str, Any]:
+        """SFT on expert trajectories of the training split (once per run)."""
+        s = self.cfg.sft
+        rng = random.Random(derived_seed(self.cfg.run.seed, "sft"))
+        tasks = rng.sample(self.train_tasks, min(s.demos, len(self.train_tasks)))
+        t0 = time.perf_counter()
+        demos = expert_trajectories(self.engine, self.env, self.models.chat, tasks, self.cfg.run.seed)
+        if not demos:
+            raise ValueError(f"environment {self.cfg.env.name} produced no successful expert demonstrations")
+        losses = behaviour_cloning(
+            self.models.policy, demos, epochs=s.epochs, lr=s.lr, batch_trajectories=s.batch_trajectories,
+            layout=self.cfg.layout, pad_id=self.pad_id, seed=self.cfg.run.seed, dtype=self.models.dtype,
+        )
+        self.sft_done = True
+        self.models.policy.model.save_pretrained(self.sft_dir)
+        self.models.tokenizer.save_pretrained(self.sft_dir)
+        if self.cfg.algo.uses_reference and self.models.reference is not None:
+            self.models.reference = load_reference(self.sft_dir, next(self.models.reference.parameters()).dtype,
+                                                   self.models.device, self.cfg.rollout.temperature)
+        return {"sft/demos": len(demos), "sft/loss_first_epoch": losses[0] if losses else None,
+                "sft/loss_last_epoch": losses[-1] if losses else None, "time/sft_s": time.perf_counter() - t0}
+
+    def train_iteration(self) -> dict[str, Any]:
+        """One rollout + update; returns the iteration's metrics."""
+        it = self.iteration + 1
+        cfg, algo = self.cfg, self.cfg.algo
+        t0 = time.perf_counter()
+        tasks, groups = self.sample_tasks(it)
+        result: RolloutResult = self.engine.run(tasks, groups, cfg.run.seed, iteration=it,
+                                                policy_version=self.policy_version)
+        trajs = result.trajectories
+        t1 = time.perf_counter()
+        metrics: dict[str, Any] = {"iteration": it}
+        metrics.update(result.metrics("rollout/"))
+        steps = sum(len(t.steps) for t in trajs)
+        self.env_steps += sum(len(e.steps) for e in result.episodes)
+        metrics["env_steps"] = self.env_steps
+        metrics["train/reward_mean"] = float(np.mean([t.total_reward for t in trajs])) if trajs else 0.0
+        metrics["train/success"] = metrics["rollout/success"]
+        if trajs:
+            batch = StepBatch.from_trajectories(trajs)
+            layout = cfg.layout
+            scored = score_batch(self.models, algo, trajs, batch, layout, cfg.trainer.micro_batch_tokens, self.pad_id)
+            metrics["rollout/logprob_parity_max_abs"] = float((scored.logprobs - batch.old_logprobs).abs().max())
+            credit = compute_credit(algo, batch, scored)
+            settings = UpdateSettings(
+                epochs=cfg.trainer.epochs, minibatch_steps=cfg.trainer.minibatch_steps,
+                micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_grad_norm=cfg.trainer.max_grad_norm,
+                layout=layout, old_logprobs=cfg.trainer.old_logprobs,
+                train_policy=it > self.cfg.critic.warmup_iterations or not algo.critic,
+            )
+            rng = random.Random(derived_seed(cfg.run.seed, "minibatch", it))
+            metrics.update(ppo_update(self.models, algo, settings, trajs, batch, scored, credit,
+                                      self.policy_opt, self.critic_opt, rng, self.pad_id))
+            metrics.update(critic_metrics(credit, scored, algo))
+            metrics["credit/advantage_mean"] = float(credit.step_advantages.mean())
+            metrics["credit/advantage_std"] = float(credit.step_advantages.std()) if steps > 1 else 0.0
+            for k in range(min(int(batch.step_index.max()) + 1, 8)):
+                sel = batch.step_index == k
+                metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[sel].mean())
+            if settings.train_policy:
+                self.policy_version += 1
+            self._log_samples(it, trajs[: cfg.trainer.sample_trajectories], scored, credit)
+            tokens = sum(len(t.steps[-1].context_ids) for t in trajs)
+            trained = cfg.trainer.epochs * sum(input_tokens(t, layout) for t in trajs)
+        else:
+            tokens = trained = 0
+        t2 = time.perf_counter()
+        metrics["time/rollout_s"] = t1 - t0
+        metrics["time/update_s"] = t2 - t1
+        metrics["throughput/tokens_per_s"] = (result.generated_tokens + tokens) / max(t2 - t0, 1e-9)
+        metrics["throughput/rollout_tokens_per_s"] = result.generated_tokens / max(t1 - t0, 1e-9)
+        metrics["throughput/update_tokens_per_s"] = trained / max(t2 - t1, 1e-9)
+        metrics["policy_version"] = self.policy_version
+        self.iteration = it
+        return metrics
+
+    def _log_samples(self, it: int, trajs: list[Trajectory], scored, credit) -> None:
+        records, s = [], 0
+        tok = self.models.tokenizer
+        for b, traj in enumerate(trajs):
+            steps = []
+            for step in traj.steps:
+                steps.append({
+                    "prompt_text": tok.decode(step.prompt_ids[-200:]),
+                    "response_text": tok.decode(step.response_ids),
+                    "prompt_ids": step.prompt_ids,
+                    "response_ids": step.response_ids,
+                    "reward": step.reward,
+                    "value": float(scored.step_values[s]) if scored.step_values is not None else None,
+                    "advantage": float(credit.step_advantages[s]),
+                    "observation": step.info.get("observation"),
+                })
+                s += 1
+            records.append({"iteration": it, "trajectory": traj.id, "task": traj.info.get("task_id"),
+                            "success": traj.info.get("success"), "end_reason": traj.info.get("end_reason"),
+                            "steps": steps})
+        self.runlog.samples(records)
+
+    # ------------------------------------------------------------------ the run
+
+    def train(self, progress: Callable[[int, int, dict], None] | None = None) -> dict[str, Any]:
+        """SFT warm start (if enabled), validation before RL, iterations, validation after."""
+        cfg = self.cfg
+        summary: dict[str, Any] = {}
+        if cfg.sft_enabled and not self.sft_done:
+            sft = self.warm_start()
+            summary.update(sft)
+            self.say(f"warm start: {sft['sft/demos']} expert demos, loss {sft['sft/loss_first_epoch']:.3f} -> {sft['sft/loss_last_epoch']:.3f}")
+        if self.iteration == 0:
+            before = self.evaluate("before")
+            if cfg.trainer.eval_sampled:
+                before.update(self.evaluate("before", greedy=False))
+            self.runlog.log({"iteration": 0, "env_steps": 0, **before, **{k: v for k, v in summary.items() if k.startswith(("sft/", "time/"))}})
+            for mode in ("eval", "eval_sampled"):
+                if f"{mode}/success" in before:
+                    summary[f"{mode}/success_before"] = before[f"{mode}/success"]
+            self.say(f"held-out success before RL: {self._describe(before)}")
+        while self.iteration < cfg.trainer.iterations:
+            metrics = self.train_iteration()
+            it = self.iteration
+            last = it == cfg.trainer.iterations
+            if (cfg.trainer.eval_interval and it % cfg.trainer.eval_interval == 0) or last:
+                metrics.update(self.evaluate(it))
+                if cfg.trainer.eval_sampled:
+                    metrics.update(self.evaluate(it, greedy=False))
+            self.runlog.log(metrics)
+            if (cfg.trainer.checkpoint_interval and it % cfg.trainer.checkpoint_interval == 0) or last:
+                self.save()
+            if progress is not None:
+                progress(it, cfg.trainer.iterations, metrics)
+            summary["last"] = metrics
+        for mode in ("eval", "eval_sampled"):
+            if f"{mode}/success" in summary.get("last", {}):
+                summary[f"{mode}/success_after"] = summary["last"][f"{mode}/success"]
+        if "last" in summary:
+            self.say(f"held-out success after RL: {self._describe(summary['last'])}")
+        return summary
+
+    def _describe(self, metrics: dict) -> str:
+        parts = [f"{metrics['eval/success']:.3f} greedy"]
+        if "eval_sampled/success" in metrics:
+            parts.append(f"{metrics['eval_sampled/success']:.3f} sampled (T={self.cfg.rollout.temperature})")
+        return ", ".join(parts) + f" on {len(self.eval_tasks)} {self.cfg.env.eval_split} episodes"
+
+    def close(self) -> None:
+        self.engine.close()
+        self.runlog.close()

@@ -1,0 +1,272 @@
+"""One policy-optimisation update on a batch of trajectories, in the order it runs:
+
+1. score the batch without gradients: rollout-policy log-probs recomputed (parity check and
+   ratio denominator), critic values at the read positions, reference log-probs for KL;
+2. credit assignment (the preset's estimator) on per-step inputs;
+3. epochs over mini-batches of whole trajectories; each mini-batch is split into micro-batches
+   by model-input tokens; every loss uses weights computed once for the whole mini-batch, so
+   gradient accumulation is exact (see `steppo.core.losses`);
+4. gradient-norm clipping and one optimiser step per mini-batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from steppo.core.algorithms import AlgorithmConfig
+from steppo.core.batch import StepBatch, build_layout, input_tokens
+from steppo.core.credit import Credit, estimate_credit
+from steppo.core.losses import (
+    aggregation_weights,
+    explained_variance,
+    kl_loss,
+    policy_loss,
+    ratio_units,
+    value_loss,
+)
+from steppo.core.records import Trajectory
+from steppo.models.build import Models
+from steppo.models.policy import autocast
+
+
+@dataclass
+class UpdateSettings:
+    epochs: int
+    minibatch_steps: int
+    micro_batch_tokens: int
+    max_grad_norm: float
+    layout: str
+    old_logprobs: str
+    train_policy: bool  # False during critic warm-up
+
+
+def chunk_by_tokens(trajs: Sequence[Trajectory], order: list[int], budget: int, layout: str) -> list[list[int]]:
+    """Split `order` (trajectory indices) into consecutive groups of at most `budget` input
+    tokens (a trajectory larger than the budget forms its own group)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i in order:
+        cost = input_tokens(trajs[i], layout)
+        if cur and used + cost > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += cost
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def flat_ranges(batch: StepBatch, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the full batch's flat step and token tensors of the trajectories in
+    `order`, in their canonical order (concatenated)."""
+    steps_per = batch.step_mask.sum(1)
+    tokens_per = batch.token_mask.sum(1)
+    step_start = torch.cumsum(steps_per, 0) - steps_per
+    tok_start = torch.cumsum(tokens_per, 0) - tokens_per
+    idx = torch.tensor(order, dtype=torch.long)
+    step_idx = torch.cat([torch.arange(int(step_start[i]), int(step_start[i] + steps_per[i])) for i in idx]) if order else idx
+    tok_idx = torch.cat([torch.arange(int(tok_start[i]), int(tok_start[i] + tokens_per[i])) for i in idx]) if order else idx
+    return step_idx, tok_idx
+
+
+@dataclass
+class Scored:
+    """No-grad scores of the whole batch in canonical order."""
+
+    logprobs: torch.Tensor  # (N,)
+    step_values: torch.Tensor | None  # (S,)
+    token_values: torch.Tensor | None  # (N,)
+    bootstrap: torch.Tensor | None  # (B,)
+    ref_logprobs: torch.Tensor | None  # (N,)
+
+
+@torch.no_grad()
+def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajectory], batch: StepBatch,
+                layout_kind: str, budget: int, pad_id: int) -> Scored:
+    device = models.device
+    logprobs = torch.zeros(batch.num_tokens)
+    step_values = torch.zeros(batch.num_steps) if algo.critic else None
+    token_values = torch.zeros(batch.num_tokens) if algo.critic_level == "token" else None
+    bootstrap = torch.zeros(batch.num_trajectories) if algo.critic else None
+    ref = torch.zeros(batch.num_tokens) if algo.uses_reference else None
+    policy = models.policy
+    was = policy.training
+    policy.eval()
+    for group in chunk_by_tokens(trajs, list(range(len(trajs))), budget, layout_kind):
+        step_idx, tok_idx = flat_ranges(batch, group)
+        layout = build_layout([trajs[i] for i in group], layout_kind, pad_id).to(device)
+        with autocast(device, models.dtype):
+            lp, _, hidden = policy(layout)
+            logprobs[tok_idx] = lp.float().cpu()
+            if algo.critic:
+                values = models.critic.values(hidden) if models.critic.shared else models.critic(layout)
+                step_values[step_idx] = layout.gather_values(values).float().cpu()
+                bootstrap[torch.tensor(group)] = layout.gather_bootstrap(values).float().cpu()
+                if token_values is not None:
+                    token_values[tok_idx] = layout.gather_actions(values).float().cpu()
+            if ref is not None:
+                with models.policy_reference():
+                    ref_lp, _, _ = models.reference_policy(layout)
+                ref[tok_idx] = ref_lp.float().cpu()
+    policy.train(was)
+    return Scored(logprobs, step_values, token_values, bootstrap, ref)
+
+
+def compute_credit(algo: AlgorithmConfig, batch: StepBatch, scored: Scored) -> Credit:
+    return estimate_credit(
+        batch,
+        algo.estimator,
+        step_values=scored.step_values,
+        token_values=scored.token_values,
+        bootstrap=scored.bootstrap,
+        gamma=algo.gamma,
+        lam=algo.lam,
+        whiten_mode=algo.whiten,
+        token_discount=algo.token_discount,
+        normalize_std=algo.normalize_std,
+        gigpo_step_weight=algo.gigpo_step_weight,
+    )
+
+
+def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, trajs: Sequence[Trajectory],
+               batch: StepBatch, scored: Scored, credit: Credit, policy_opt: "Optimiser",
+               critic_opt: "Optimiser | None",
+               rng: random.Random, pad_id: int) -> dict[str, float]:
+    """Epochs of clipped updates; returns mean statistics over optimiser steps."""
+    device = models.device
+    policy, critic = models.policy, models.critic
+    old_lp = scored.logprobs if settings.old_logprobs == "recompute" else batch.old_logprobs
+    token_critic = algo.critic_level == "token"
+    old_values = scored.token_values if token_critic else scored.step_values
+    sums: dict[str, float] = {}
+    n_updates = 0
+    policy.train()
+    for _ in range(settings.epochs):
+        order = list(range(len(trajs)))
+        rng.shuffle(order)
+        for mb in _minibatches(trajs, order, settings.minibatch_steps):
+            mb_steps, mb_toks = flat_ranges(batch, mb)
+            sub = StepBatch.from_trajectories([trajs[i] for i in mb])
+            weights = aggregation_weights(algo.aggregation, sub.token_step, sub.step_traj)
+            units, n_units = ratio_units(algo.ratio_level, sub.token_step, sub.token_traj)
+            n_vals = len(mb_toks) if token_critic else len(mb_steps)
+            stats: dict[str, float] = {}
+            t_off = 0
+            for micro in chunk_by_tokens(trajs, mb, settings.micro_batch_tokens, settings.layout):
+                m_steps, m_toks = flat_ranges(batch, micro)
+                ts = slice(t_off, t_off + len(m_toks))
+                t_off += len(m_toks)
+                layout = build_layout([trajs[i] for i in micro], settings.layout, pad_id).to(device)
+                w = weights[ts].to(device)
+                loss = torch.zeros((), device=device)
+                with autocast(device, models.dtype):
+                    lp, ent, hidden = policy(layout, with_entropy=True)
+                    # Policy terms are computed (and logged) during critic warm-up too, but
+                    # only enter the loss once the policy trains.
+                    pg, pstats = policy_loss(
+                        lp, old_lp[m_toks].to(device), credit.token_advantages[m_toks].to(device), w,
+                        units[ts].to(device), n_units, algo.clip_low, algo.clip_high, algo.dual_clip,
+                        algo.log_ratio_clamp,
+                    )
+                    policy_terms = pg - algo.entropy_coef * (w * ent).sum()
+                    _acc(stats, "policy/loss", pg)
+                    for k, v in pstats.items():
+                        _acc(stats, f"policy/{k}", v)
+                    if algo.uses_reference:
+                        kl = kl_loss(lp, scored.ref_logprobs[m_toks].to(device), w, algo.kl_estimator)
+                        policy_terms = policy_terms + algo.kl_coef * kl
+                        _acc(stats, "policy/kl_ref", kl)
+                    _acc(stats, "policy/entropy", (w * ent).sum())
+                    if settings.train_policy:
+                        loss = loss + policy_terms
+                    if critic is not None:
+                        values = critic.values(hidden) if critic.shared else critic(layout)
+                        if token_critic:
+                            v, idx = layout.gather_actions(values), m_toks
+                        else:
+                            v, idx = layout.gather_values(values), m_steps
+                        vw = torch.full((len(idx),), 1.0 / max(n_vals, 1), device=device)
+                        vl, vstats = value_loss(v, old_values[idx].to(device), credit.returns[idx].to(device), vw, algo.value_clip)
+                        loss = loss + algo.value_coef * vl
+                        _acc(stats, "critic/loss", vl)
+                        _acc(stats, "critic/clip_frac", vstats["clip_frac"])
+                if loss.requires_grad:
+                    loss.backward()
+            if settings.train_policy:
+                stats["policy/grad_norm"] = policy_opt.step(settings.max_grad_norm)
+            else:
+                policy_opt.zero_grad()
+            if critic_opt is not None:
+                stats["critic/grad_norm"] = critic_opt.step(settings.max_grad_norm)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    return {k: v / max(n_updates, 1) for k, v in sums.items()}
+
+
+def _acc(stats: dict[str, float], key: str, value: torch.Tensor) -> None:
+    stats[key] = stats.get(key, 0.0) + float(value.detach())
+
+
+class Optimiser:
+    """AdamW with linear learning-rate warm-up over the first `warmup_steps` steps (Adam's
+    first steps move every weight by about lr, which can wreck a fine-tuned policy), and
+    gradient-norm clipping."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, warmup_steps: int):
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
+
+    def step(self, max_norm: float) -> float:
+        """Clip, step, zero; returns the gradient norm before clipping."""
+        params = [p for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")) if params else torch.zeros(())
+        self.opt.step()
+        self.sched.step()
+        self.zero_grad()
+        return float(norm)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
+def _minibatches(trajs: Sequence[Trajectory], order: list[int], steps_per_mb: int) -> list[list[int]]:
+    """Consecutive groups of whole trajectories holding about `steps_per_mb` steps each
+    (0 = one group with everything)."""
+    if steps_per_mb <= 0:
+        return [order]
+    groups, cur, count = [], [], 0
+    for i in order:
+        cur.append(i)
+        count += len(trajs[i].steps)
+        if count >= steps_per_mb:
+            groups.append(cur)
+            cur, count = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def critic_metrics(credit: Credit, scored: Scored, algo: AlgorithmConfig) -> dict[str, float]:
+    if not algo.critic:
+        return {}
+    values = scored.token_values if algo.critic_level == "token" else scored.step_values
+    return {
+        "critic/explained_var": explained_variance(values, credit.returns),
+        "critic/value_mean": float(values.mean()) if values.numel() else 0.0,
+        "critic/return_mean": float(credit.returns.mean()) if credit.returns.numel() else 0.0,
+    }

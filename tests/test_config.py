@@ -1,0 +1,46 @@
+import pytest
+
+from steppo.cli import main
+from steppo.config import ConfigError, load_config
+
+
+def test_defaults_validate_and_overrides_apply():
+    cfg = load_config(overrides=["algo=grpo", "algo.gamma=0.9", "trainer.iterations=5", "env=compass",
+                                 "env.params={max_distance: 3}", "sft.lr=2e-3", "run.trackers=[]"])
+    assert cfg.algo.name == "grpo" and cfg.algo.group_size == 8 and cfg.algo.gamma == 0.9
+    assert cfg.trainer.iterations == 5 and cfg.env.params == {"max_distance": 3} and cfg.sft.lr == 2e-3
+    assert cfg.layout == "prefix_shared"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algo:\n  name: ppo\n  lam: 0.95\ntrainer:\n  iterations: 7\n")
+    cfg = load_config(f, ["trainer.iterations=9"])
+    assert cfg.algo.name == "ppo" and cfg.algo.lam == 0.95 and cfg.trainer.iterations == 9
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.iteratons=3"], "did you mean trainer.iterations"),
+        (["trainr.iterations=3"], "did you mean trainer"),
+        (["trainer.iterations=many"], "expects an integer"),
+        (["rollout.temperature=hot"], "expects a number"),
+        (["algo=grpo", "algo.estimator=step_gae"], "reads critic values but critic is off"),
+        (["algo=dqn"], "unknown algorithm"),
+        (["algo=grpo", "trainer.trajectories_per_iteration=12"], "multiple of algo.group_size"),
+        (["rollout.context=summary"], "rollout.context"),
+        (["rollout.max_new_tokens=64", "rollout.context_limit=32"], "must exceed"),
+        (["run.trackers=[neptune]"], "unknown trackers"),
+        (["trainer.iterations"], "not key=value"),
+        (["trainer=3"], "must be a mapping"),
+    ],
+)
+def test_bad_configs_are_clear_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    assert main(["train", "trainer.iteratons=3"]) == 2
+    assert "did you mean trainer.iterations" in capsys.readouterr().err
