@@ -23,6 +23,7 @@ import yaml
 from steppo.core.algorithms import PRESETS, AlgorithmConfig, ConfigError, preset
 from steppo.core.batch import LAYOUTS
 from steppo.rollout.engine import CONTEXTS, SCHEDULES, RolloutSettings
+from steppo.rollout.workers import WORKER_KINDS
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -227,6 +228,7 @@ class Config:
         need(r.temperature > 0, "rollout.temperature must be > 0 (evaluation decodes greedily on its own)")
         need(r.num_envs >= 1 and r.max_batch >= 1, "rollout.num_envs and rollout.max_batch must be >= 1")
         need(r.step_timeout_s > 0, "rollout.step_timeout_s must be > 0")
+        need(r.env_workers in WORKER_KINDS, f"rollout.env_workers must be one of {WORKER_KINDS}")
         need(self.model.lora_rank >= 0, "model.lora_rank must be >= 0")
         need(self.critic.warmup_iterations >= 0, "critic.warmup_iterations must be >= 0")
         need(

@@ -155,5 +155,11 @@ class TextEnv(abc.ABC):
         lines.append(f"Now: {observation}")
         return "\n".join(lines)
 
+    def step_and_render(self, response: str, task_text: str, history: list[tuple[str, str]]) -> tuple[Transition, str]:
+        """`step`, then `render` the next prompt from the environment's state (``context="env"``);
+        one call, so it runs where the environment lives (thread or process)."""
+        result = self.step(response)
+        return result, self.render(task_text, history, result.observation)
+
     def close(self) -> None:
         """Release external resources (a JVM, a game process)."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Callable
-
-from steppo.envs.base import EnvError, TextEnv
+from steppo.envs.base import EnvError, EnvSettings, TextEnv
 
 ENVIRONMENTS: dict[str, str] = {
     "compass": "steppo.envs.compass:CompassEnv",
+    "twx": "steppo.envs.twx:TextWorldExpressEnv",
+    "textworld": "steppo.envs.textworld_games:TextWorldEnv",
+    "alfworld": "steppo.envs.alfworld:ALFWorldEnv",
+    "searchqa": "steppo.envs.searchqa:SearchQAEnv",
 }
 
 
@@ -24,13 +26,28 @@ def env_class(name: str) -> type[TextEnv]:
     return getattr(importlib.import_module(module), attr)
 
 
-def env_factory(cfg) -> Callable[[], TextEnv]:
-    """A zero-argument constructor for the configured environment (one instance per worker).
+@dataclasses.dataclass(frozen=True)
+class EnvFactory:
+    """A picklable zero-argument constructor (one call per worker, thread or process)."""
+
+    name: str
+    settings: EnvSettings
+    params: dict
+
+    def __call__(self) -> TextEnv:
+        cls = env_class(self.name)
+        try:
+            return cls(self.settings, **self.params)
+        except TypeError as exc:
+            raise EnvError(f"environment {self.name!r} rejected its params {self.params}: {exc}") from exc
+
+
+def env_factory(cfg) -> EnvFactory:
+    """The configured environment's constructor.
 
     Args: cfg: `steppo.config.EnvConfig`.
     """
-    cls = env_class(cfg.name)
-    settings = cls.default_settings()
+    settings = env_class(cfg.name).default_settings()
     updates = {
         "invalid_action_penalty": cfg.invalid_action_penalty,
         "format_penalty": cfg.format_penalty,
@@ -39,13 +56,4 @@ def env_factory(cfg) -> Callable[[], TextEnv]:
         updates["max_steps"] = cfg.max_steps
     if cfg.show_admissible is not None:
         updates["show_admissible"] = cfg.show_admissible
-    settings = dataclasses.replace(settings, **updates)
-    params = dict(cfg.params)
-
-    def make() -> TextEnv:
-        try:
-            return cls(settings, **params)
-        except TypeError as exc:
-            raise EnvError(f"environment {cfg.name!r} rejected its params {params}: {exc}") from exc
-
-    return make
+    return EnvFactory(cfg.name, dataclasses.replace(settings, **updates), dict(cfg.params))

@@ -9,7 +9,8 @@ from typing import Callable
 
 import torch
 
-from steppo.models.builtin import build_tiny, default_cache_dir, smollm2_135m
+from steppo.models.builtin import build_tiny, smollm2_135m
+from steppo.paths import default_cache_dir
 from steppo.models.chat import ChatFormat
 from steppo.models.policy import (
     Critic,

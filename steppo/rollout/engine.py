@@ -79,6 +79,7 @@ class RolloutSettings:
         temperature: sampling temperature (the trainer scores with the same).
         max_batch: most episodes in one generation call.
         num_envs: environment workers (episodes running at once).
+        env_workers: thread | process (see `steppo.rollout.workers`).
         step_timeout_s: longest env.reset / env.step before the episode is failed.
         schedule: continuous | rounds (see module doc).
         bootstrap_time_limit: treat the environment's step limit as a cut (truncated:
@@ -96,6 +97,7 @@ class RolloutSettings:
     temperature: float = 1.0
     max_batch: int = 64
     num_envs: int = 16
+    env_workers: str = "thread"
     step_timeout_s: float = 60.0
     schedule: str = "continuous"
     bootstrap_time_limit: bool = False
@@ -187,7 +189,7 @@ class RolloutEngine:
         self.max_steps = env_settings.max_steps
         self.max_new_tokens = settings.max_new_tokens or env_settings.max_new_tokens
         self.stop_ids = set(stop_ids or ()) | {chat.end_of_turn_id}
-        self.pool = WorkerPool(env_factory, settings.num_envs)
+        self.pool = WorkerPool(env_factory, settings.num_envs, settings.env_workers)
         self._env_calls: list[tuple[float, float, int]] = []
 
     def close(self) -> None:
@@ -267,9 +269,9 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ env side
 
-    def _submit(self, inflight, ep: Episode, method: str, arg: Any) -> None:
+    def _submit(self, inflight, ep: Episode, method: str, *args: Any) -> None:
         now = time.perf_counter()
-        fut = ep.worker.submit(method, arg)
+        fut = ep.worker.submit(method, *args)
         inflight[fut] = (ep, method, now, now + self.settings.step_timeout_s)
 
     def _collect(self, inflight, ready: list[Episode], block: bool) -> None:
@@ -289,8 +291,10 @@ class RolloutEngine:
                     self._fail(ep, "env_error", f"{type(exc).__name__}: {exc}", replace=True)
                 elif method == "reset":
                     self._on_reset(ep, *fut.result(), ready=ready)
+                elif method == "step_and_render":
+                    self._on_step(ep, *fut.result(), ready=ready)
                 else:
-                    self._on_step(ep, fut.result(), ready)
+                    self._on_step(ep, fut.result(), None, ready=ready)
             elif now >= deadline:
                 del inflight[fut]
                 self._fail(ep, "env_timeout", f"env.{method} exceeded {self.settings.step_timeout_s}s", replace=True)
@@ -340,9 +344,12 @@ class RolloutEngine:
                 info={"action": text},
             )
         )
-        self._submit(inflight, ep, "step", text)
+        if self.settings.context == "env":
+            self._submit(inflight, ep, "step_and_render", text, ep.task_text, list(ep.history))
+        else:
+            self._submit(inflight, ep, "step", text)
 
-    def _on_step(self, ep: Episode, result: Transition, ready: list[Episode]) -> None:
+    def _on_step(self, ep: Episode, result: Transition, rendered: str | None, ready: list[Episode]) -> None:
         step = ep.steps[-1]
         step.reward = float(result.reward)
         step.info["observation"] = result.observation
@@ -358,7 +365,7 @@ class RolloutEngine:
         if result.terminated:
             self._finish(ep, "terminated")
             return
-        next_prompt = self._next_prompt(ep, step, turn, result.observation)
+        next_prompt = self._next_prompt(ep, step, turn, rendered)
         if result.truncated or len(ep.steps) >= self.max_steps:
             reason = "env_truncated" if result.truncated else "max_steps"
             if self.settings.bootstrap_time_limit:
@@ -370,15 +377,14 @@ class RolloutEngine:
             return
         self._set_prompt(ep, next_prompt, ready)
 
-    def _next_prompt(self, ep: Episode, step: Step, turn: list[int], observation: str) -> list[int]:
+    def _next_prompt(self, ep: Episode, step: Step, turn: list[int], rendered: str | None) -> list[int]:
         ctx = self.settings.context
         if ctx == "cumulative":
             return step.prompt_ids + turn
         if ctx == "window":
             kept = ep.turns[-self.settings.window:] if self.settings.window > 0 else []
             return ep.first_prompt + [t for turn_ids in kept for t in turn_ids]
-        env_text = ep.worker.env.render(ep.task_text, ep.history[:-1], observation)
-        return self.chat.initial_prompt(self.system_prompt, env_text)
+        return self.chat.initial_prompt(self.system_prompt, rendered)
 
     # ------------------------------------------------------------------ records
 

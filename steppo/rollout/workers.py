@@ -1,19 +1,30 @@
-"""Environment workers: each environment instance lives in its own daemon thread.
+"""Environment workers: every environment instance lives in its own thread or process.
 
 The generation loop never calls an environment directly. It submits ``reset``/``step`` to a
-worker and collects a future, so a slow environment delays only its own episode. A worker whose
-call outlives its timeout is abandoned (its thread cannot be killed, but it is a daemon and
-never blocks exit) and replaced by a fresh one; an environment that raised is replaced too.
+worker and collects a future, so a slow environment delays only its own episode.
+
+* ``thread`` workers (default) suit environments that release the GIL or are quick
+  (TextWorldExpress talks to a JVM; compass is pure Python).
+* ``process`` workers suit environments that are not thread-safe or hold the GIL for long
+  (ALFWorld's TextWorld/PDDL engine): each instance runs in a spawned child process, so they
+  step in parallel on several cores, and a hung one is killed rather than abandoned.
+
+A worker whose call outlives its timeout, or whose environment raised, is replaced by a fresh
+one (a thread cannot be killed: it is a daemon and stays parked; a process is terminated).
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import queue
 import threading
+import traceback
 from concurrent.futures import Future
 from typing import Any, Callable
 
 from steppo.envs.base import TextEnv
+
+WORKER_KINDS = ("thread", "process")
 
 
 class EnvWorker:
@@ -56,29 +67,115 @@ class EnvWorker:
         self._calls.put(None)
 
 
+class EnvFailure(RuntimeError):
+    """An exception raised inside a worker process, with its traceback text."""
+
+
+def _child(factory: Callable[[], TextEnv], conn) -> None:
+    env = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            break
+        if msg is None:
+            break
+        method, args = msg
+        try:
+            if env is None:
+                env = factory()
+            conn.send(("ok", getattr(env, method)(*args)))
+        except BaseException as exc:  # noqa: BLE001
+            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+    if env is not None:
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class ProcessEnvWorker:
+    """One environment instance in a spawned child process; same interface as `EnvWorker`.
+
+    The factory must be picklable (`steppo.envs.registry.EnvFactory` is).
+    """
+
+    _ctx = mp.get_context("spawn")
+
+    def __init__(self, factory: Callable[[], TextEnv], name: str = "env-process"):
+        self._conn, child_conn = self._ctx.Pipe()
+        self._proc = self._ctx.Process(target=_child, args=(factory, child_conn), name=name, daemon=True)
+        self._proc.start()
+        child_conn.close()
+        self._calls: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._forward, name=f"{name}-io", daemon=True)
+        self._thread.start()
+
+    def submit(self, method: str, *args: Any) -> Future:
+        fut: Future = Future()
+        self._calls.put((fut, method, args))
+        return fut
+
+    def _forward(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                break
+            fut, method, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                self._conn.send((method, args))
+                status, payload = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                fut.set_exception(EnvFailure(f"environment process died: {exc!r}"))
+                break
+            if status == "ok":
+                fut.set_result(payload)
+            else:
+                fut.set_exception(EnvFailure(payload))
+
+    def close(self) -> None:
+        """Stop the child (terminated if it does not stop within a second)."""
+        self._calls.put(None)
+        try:
+            self._conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self._proc.join(timeout=1.0)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(timeout=1.0)
+        self._conn.close()
+
+
 class WorkerPool:
     """A fixed number of environment workers handed out to episodes."""
 
-    def __init__(self, factory: Callable[[], TextEnv], size: int):
+    def __init__(self, factory: Callable[[], TextEnv], size: int, kind: str = "thread"):
         if size < 1:
             raise ValueError("the environment pool needs at least one worker")
+        if kind not in WORKER_KINDS:
+            raise ValueError(f"environment workers must be one of {WORKER_KINDS}, got {kind!r}")
         self._factory = factory
+        self._kind = kind
         self._counter = 0
-        self.free: list[EnvWorker] = [self._new() for _ in range(size)]
+        self.free: list[EnvWorker | ProcessEnvWorker] = [self._new() for _ in range(size)]
         self.replaced = 0
 
-    def _new(self) -> EnvWorker:
+    def _new(self) -> EnvWorker | ProcessEnvWorker:
         self._counter += 1
-        return EnvWorker(self._factory, name=f"env-worker-{self._counter}")
+        cls = EnvWorker if self._kind == "thread" else ProcessEnvWorker
+        return cls(self._factory, name=f"env-{self._kind}-{self._counter}")
 
-    def acquire(self) -> EnvWorker | None:
+    def acquire(self) -> EnvWorker | ProcessEnvWorker | None:
         return self.free.pop() if self.free else None
 
-    def release(self, worker: EnvWorker) -> None:
+    def release(self, worker) -> None:
         self.free.append(worker)
 
-    def replace(self, worker: EnvWorker) -> None:
-        """Abandon a hung or broken worker; a fresh one takes its place in the pool."""
+    def replace(self, worker) -> None:
+        """Drop a hung or broken worker; a fresh one takes its place in the pool."""
         worker.close()
         self.replaced += 1
         self.free.append(self._new())

@@ -162,3 +162,29 @@ def test_rounds_schedule_is_reproducible(tiny_models):
         outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=5).trajectories])
         engine.close()
     assert outs[0] == outs[1]
+
+
+def test_process_workers_run_episodes_and_kill_a_hung_environment(tiny_models):
+    import functools
+
+    factory = functools.partial(HangingEnv, EnvSettings(max_steps=4))
+    engine = make_engine(tiny_models, factory=factory, env_workers="process", step_timeout_s=3.0,
+                         schedule="continuous", num_envs=2)
+    result = run(engine, n=4)
+    engine.close()
+    reasons = [e.end_reason for e in result.episodes]
+    assert "env_timeout" in reasons and any(r != "env_timeout" for r in reasons)
+    assert engine.pool.replaced >= 1
+    ok = [t for t in result.trajectories if t.info["end_reason"] != "env_timeout"]
+    for traj in ok:
+        for prev, nxt in zip(traj.steps, traj.steps[1:]):
+            assert nxt.prompt_ids[: len(prev.context_ids)] == prev.context_ids
+
+
+def test_process_workers_give_the_same_episodes_as_threads(tiny_models):
+    outs = []
+    for kind in ("thread", "process"):
+        engine = make_engine(tiny_models, env_workers=kind, num_envs=2)
+        outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=3).trajectories])
+        engine.close()
+    assert outs[0] == outs[1]

@@ -1,0 +1,39 @@
+"""Where StepPO keeps caches and looks for datasets (both overridable, nothing hard-coded).
+
+* cache: ``$STEPPO_CACHE``, else ``~/.cache/steppo`` (converted models, generated games, indexes).
+* data: ``$STEPPO_DATA``, else a ``shared/data`` folder next to the repository checkout (the
+  layout of this project's development machines), else nowhere: environments that need real
+  data then say which setting to give.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("STEPPO_CACHE", Path.home() / ".cache" / "steppo"))
+
+
+def default_data_dir() -> Path | None:
+    if os.environ.get("STEPPO_DATA"):
+        return Path(os.environ["STEPPO_DATA"])
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside_checkout if beside_checkout.is_dir() else None
+
+
+def require_data(subdir: str, explicit: str | os.PathLike | None, what: str) -> Path:
+    """The data folder for `what`: `explicit` if given, else `<data dir>/<subdir>`; a clear
+    error naming the setting when neither exists."""
+    if explicit:
+        path = Path(explicit)
+    else:
+        root = default_data_dir()
+        path = root / subdir if root is not None else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"{what} data not found{f' at {path}' if path else ''}: pass the environment param "
+            f"data_dir=... or set STEPPO_DATA to a folder holding {subdir}/"
+        )
+    return path
