@@ -80,6 +80,7 @@ class EnvConfig:
         max_steps: episode step limit (None = the environment's default).
         invalid_action_penalty, format_penalty: rewards added for bad actions.
         show_admissible: list valid commands in observations (None = environment default).
+        react: ask for a short thought before each action (ReAct prompting, e.g. zero-shot).
         params: environment-specific settings (see each environment's docstring).
         train_split: the split training samples tasks from.
         eval_split: the held-out split validation reports.
@@ -90,6 +91,7 @@ class EnvConfig:
     invalid_action_penalty: float = 0.0
     format_penalty: float = 0.0
     show_admissible: bool | None = None
+    react: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     eval_split: str = "dev"

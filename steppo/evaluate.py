@@ -77,7 +77,7 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, split: str | None = No
         make_env, models.chat,
         LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, cfg.rollout.temperature,
                      models.tokenizer.pad_token_id),
-        cfg.rollout, env.system_prompt(), env.settings,
+        cfg.rollout, env.instructions(), env.settings,
     )
     try:
         result = engine.run(tasks, [t.id for t in tasks], cfg.run.seed, iteration="eval", greedy=greedy)

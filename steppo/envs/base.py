@@ -58,6 +58,8 @@ class EnvSettings:
         show_admissible: list the valid commands in each observation.
         max_new_tokens: the response budget this environment's actions need (used when
             rollout.max_new_tokens is not set).
+        react: ask for ReAct-style responses (a short thought, then the action); the action
+            parsers read the action after the thought.
     """
 
     max_steps: int = 10
@@ -65,6 +67,7 @@ class EnvSettings:
     format_penalty: float = 0.0
     show_admissible: bool = True
     max_new_tokens: int = 64
+    react: bool = False
 
 
 class TextEnv(abc.ABC):
@@ -111,6 +114,16 @@ class TextEnv(abc.ABC):
         return "You are an agent acting in a text environment. Reply with one command per turn."
 
     # --- the interface ------------------------------------------------------------------------
+
+    def instructions(self) -> str:
+        """The system prompt the agent sees: `system_prompt`, plus the ReAct format if asked."""
+        text = self.system_prompt()
+        if self.settings.react:
+            if self.action_format == "tool_call":
+                text += " First think in one or two short sentences, then write the tool call."
+            else:
+                text += " First think in one short sentence, then write the command on a last line starting with 'Action:'."
+        return text
 
     def reset(self, task: Task) -> tuple[str, dict[str, Any]]:
         self.task = task

@@ -51,6 +51,7 @@ def env_factory(cfg) -> EnvFactory:
     updates = {
         "invalid_action_penalty": cfg.invalid_action_penalty,
         "format_penalty": cfg.format_penalty,
+        "react": cfg.react,
     }
     if cfg.max_steps is not None:
         updates["max_steps"] = cfg.max_steps

@@ -35,13 +35,13 @@ class ChatFormat:
             ],
             add_generation_prompt=True,
         )
-        if not full.startswith(prefix) or _SENTINEL not in prefix:
+        user_turn = full[len(prefix):]
+        if not full.startswith(prefix) or _SENTINEL not in prefix or _SENTINEL not in user_turn:
             raise ValueError(
                 "this chat template re-renders earlier turns; StepPO needs an append-only template"
             )
         # What follows an assistant message, e.g. "<|im_end|>\n" for ChatML.
         self._after_assistant = prefix.split(_SENTINEL, 1)[1]
-        user_turn = full[len(prefix):]
         self._user_before, self._user_after = user_turn.split(_SENTINEL, 1)
         eot = tokenizer.eos_token
         if eot is None or not self._after_assistant.startswith(eot):

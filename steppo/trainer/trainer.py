@@ -56,7 +56,7 @@ def seed_everything(seed: int) -> None:
 def env_corpus(env: TextEnv, tasks: list[Task], limit: int = 400) -> list[str]:
     """Text a tokenizer for this environment should know: prompts, expert actions and the
     observations they lead to (on training tasks only)."""
-    texts = [env.system_prompt()]
+    texts = [env.instructions()]
     for task in tasks[:limit]:
         obs, _ = env.reset(task)
         texts.append(obs)
@@ -117,7 +117,7 @@ class Trainer:
             LocalBackend(self.models.policy.model, {self.models.chat.end_of_turn_id},
                          self.cfg.rollout.temperature, self.pad_id),
             self.cfg.rollout,
-            self.env.system_prompt(),
+            self.env.instructions(),
             self.env.settings,
         )
         self.iteration = 0

@@ -17,7 +17,7 @@ def make_engine(models, factory=None, **settings):
     env = (factory or CompassEnv)()
     backend = LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, 1.0, models.tokenizer.pad_token_id)
     return RolloutEngine(factory or CompassEnv, models.chat, backend, RolloutSettings(**kw),
-                         env.system_prompt(), env.settings)
+                         env.instructions(), env.settings)
 
 
 def run(engine, n=6, split="train", **kw):
@@ -188,3 +188,33 @@ def test_process_workers_give_the_same_episodes_as_threads(tiny_models):
         outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=3).trajectories])
         engine.close()
     assert outs[0] == outs[1]
+
+
+class SlowEnv(CompassEnv):
+    """Records when each step really ran (thread workers share the clock and this list)."""
+
+    ran: list = []
+
+    def _act(self, action):
+        start = time.perf_counter()
+        time.sleep(0.15)
+        out = super()._act(action)
+        SlowEnv.ran.append((start, time.perf_counter(), id(self)))
+        return out
+
+
+def test_environment_steps_overlap_each_other_and_generation(tiny_models):
+    SlowEnv.ran.clear()
+    engine = make_engine(tiny_models, factory=lambda: SlowEnv(EnvSettings(max_steps=4)), schedule="continuous", num_envs=6)
+    result = run(engine, n=6)
+    engine.close()
+
+    def overlap(a, b):
+        return min(a[1], b[1]) - max(a[0], b[0]) > 0
+
+    ran = SlowEnv.ran
+    across_envs = any(overlap(a, b) for a in ran for b in ran if a[2] != b[2])
+    with_generation = any(overlap(c, g) for c in ran for g in result.generation_calls)
+    assert across_envs and with_generation
+    # Stepping one environment after another would take at least the sum of the sleeps.
+    assert result.wall_s < 0.6 * 0.15 * len(ran)
