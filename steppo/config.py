@@ -112,7 +112,11 @@ class TrainerConfig:
         policy_lr, critic_lr: learning rates (Adam).
         lr_warmup_steps: optimiser steps of linear learning-rate warm-up.
         max_grad_norm: gradient-norm clip (0 = off).
-        layout: per_step | prefix_shared | auto (prefix_shared for cumulative contexts).
+        layout: per_step | prefix_shared | packed | tree | auto (see `steppo.core.batch`;
+            auto = prefix_shared for cumulative contexts, per_step otherwise: on CPU/SDPA the
+            packed and tree layouts read fewer tokens but need dense attention masks, which cost
+            more than they save; see bench/packing.py).
+        row_tokens: most tokens in one packed/tree row.
         old_logprobs: recompute (trainer's own pass before the update) | rollout (the
             sampler's numbers).
         eval_interval: iterations between validations (0 = only before and after).
@@ -133,6 +137,7 @@ class TrainerConfig:
     lr_warmup_steps: int = 20
     max_grad_norm: float = 1.0
     layout: str = "auto"
+    row_tokens: int = 2048
     old_logprobs: str = "recompute"
     eval_interval: int = 20
     eval_episodes: int = 200
@@ -216,6 +221,7 @@ class Config:
         need(t.minibatch_steps >= 0 and t.micro_batch_tokens >= 1, "minibatch_steps >= 0 and micro_batch_tokens >= 1")
         need(t.policy_lr > 0 and t.critic_lr > 0, "learning rates must be positive")
         need(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps must be >= 0")
+        need(t.row_tokens >= 16, "trainer.row_tokens must be >= 16")
         need(t.layout in LAYOUTS + ("auto",), f"trainer.layout must be one of {LAYOUTS + ('auto',)}")
         need(t.old_logprobs in ("recompute", "rollout"), "trainer.old_logprobs must be recompute or rollout")
         need(t.eval_interval >= 0 and t.checkpoint_interval >= 0, "intervals must be >= 0")

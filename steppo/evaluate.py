@@ -76,7 +76,8 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, split: str | None = No
     engine = RolloutEngine(
         make_env, models.chat,
         LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, cfg.rollout.temperature,
-                     models.tokenizer.pad_token_id),
+                     models.tokenizer.pad_token_id,
+                     kv_cache=cfg.rollout.kv_cache and cfg.rollout.context == "cumulative"),
         cfg.rollout, env.instructions(), env.settings,
     )
     try:

@@ -20,6 +20,7 @@ def make_trajectory(
     vocab: int = 50,
     anchors: int = 3,
     with_bootstrap: bool | None = None,
+    first_prompt: list[int] | None = None,
 ) -> Trajectory:
     """A random episode. Cumulative contexts make step t+1's prompt = prompt + response + obs;
     otherwise some steps re-render their prompt (a fresh token list), starting a new chain."""
@@ -27,7 +28,7 @@ def make_trajectory(
     cumulative = rng.random() < 0.7 if cumulative is None else cumulative
     end = end or rng.choice(["terminated", "truncated"])
     steps: list[Step] = []
-    prompt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
+    prompt = list(first_prompt) if first_prompt else [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
     for t in range(num_steps):
         response = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 6))]
         last = t == num_steps - 1
@@ -53,17 +54,40 @@ def make_trajectory(
     return Trajectory(steps=steps, id=traj_id, group_id=group_id, bootstrap_ids=bootstrap)
 
 
-def make_batch(seed: int, num: int = 6, groups: int = 2, **kw) -> list[Trajectory]:
+def make_batch(seed: int, num: int = 6, groups: int = 2, shared_prompts: bool = True, **kw) -> list[Trajectory]:
+    """Random trajectories; members of a group start from the same task prompt (as group
+    sampling does) unless `shared_prompts` is off."""
     rng = random.Random(seed)
-    return [make_trajectory(rng, f"t{i}", f"g{i % groups}", **kw) for i in range(num)]
+    prompts = [[rng.randrange(1, 50) for _ in range(rng.randint(1, 8))] for _ in range(groups)]
+    return [
+        make_trajectory(rng, f"t{i}", f"g{i % groups}", first_prompt=prompts[i % groups] if shared_prompts else None, **kw)
+        for i in range(num)
+    ]
 
 
-def causal_readout(input_ids: torch.Tensor, salt: float = 0.0) -> torch.Tensor:
-    """(R, L) -> (R, L, 3) outputs that depend only on tokens up to each position and the
-    position itself, like any causal model: used to check that layouts agree."""
-    L = input_ids.shape[1]
-    pos = torch.arange(L, dtype=torch.float64)
-    mixed = torch.cumsum(torch.sin(input_ids.double() * 1.618 + pos * 0.37 + salt), dim=1)
+def visibility(layout) -> torch.Tensor:
+    """(R, L, L) bool: which positions each position may read in `layout` (causal; restarting at
+    position-id resets for packed rows; the explicit mask for tree rows)."""
+    R, L = layout.input_ids.shape
+    if layout.tree_mask is not None:
+        return layout.tree_mask
+    causal = torch.ones(L, L, dtype=torch.bool).tril().expand(R, L, L)
+    if layout.kind != "packed":
+        return causal
+    starts = torch.ones_like(layout.position_ids, dtype=torch.bool)
+    starts[:, 1:] = layout.position_ids[:, 1:] != layout.position_ids[:, :-1] + 1
+    seq = torch.cumsum(starts.long(), 1)
+    return causal & (seq.unsqueeze(2) == seq.unsqueeze(1))
+
+
+def causal_readout(layout, salt: float = 0.0) -> torch.Tensor:
+    """(R, L, 3) outputs that depend only on the tokens (and positions) each position may read,
+    like any causal model: used to check that layouts agree."""
+    ids = layout.input_ids.double()
+    pos = layout.position_ids.double()
+    contrib = torch.sin(ids * 1.618 + pos * 0.37 + salt)  # (R, L): what token j contributes
+    mixed = torch.einsum("rij,rj->ri", visibility(layout).double(), contrib)
+    mixed = mixed + 0.11 * pos  # the reading position's own index matters too
     return torch.stack([torch.sin(mixed), torch.cos(mixed * 0.5), torch.tanh(mixed * 0.1)], -1)
 
 

@@ -1,4 +1,4 @@
-"""From trajectories to training tensors: a per-step view and two token layouts.
+"""From trajectories to training tensors: a per-step view and four token layouts.
 
 Indexing conventions (used across the core):
 
@@ -11,7 +11,7 @@ Indexing conventions (used across the core):
   and the maps between flat tensors and padded per-trajectory timelines (``(B, T)`` for steps,
   ``(B, K)`` for tokens), which credit assignment uses.
 * A ``TokenLayout`` says where each action token and each state-value read sits in the model's
-  input rows. Two layouts exist and give the same per-step numbers:
+  input rows. Four layouts exist; all give the same per-step numbers.
 
 Per-step layout, one row per step (the reference layout)::
 
@@ -20,21 +20,34 @@ Per-step layout, one row per step (the reference layout)::
     row 2: [ q0 q0 | b0 ]                    step 0 of another trajectory
                  ^ value read here (last prompt token) for each row's step
 
-Prefix-shared layout, one row per chain of steps whose prompt extends the previous step's
-prompt + response exactly::
+Prefix-shared layout, one row per *chain* (consecutive steps whose prompt extends the previous
+step's prompt + response exactly)::
 
     row 0: [ p0 p0 p0 a0 a0 o0 o0 a1 a1 a1 ]
                    ^  [span0]    ^ [span1 ]      value of step t read just before its span
     row 1: [ q0 q0 b0 ]
 
-Action tokens are at ``(action_rows, action_cols)``; the log-prob of the token at column ``c``
-comes from the model's output at ``c - 1``, and so does the token-level value of that token's
-state. The step value V_t is read at ``(value_rows, value_cols)`` = the column just before the
-step's first action token. A truncated trajectory's bootstrap state V(s_{T+1}) is read at
-``(bootstrap_rows, bootstrap_cols)`` (``-1`` for trajectories that need none). Because a model
-is causal and both layouts start every row at position 0 with the same tokens before each read,
-the same model gives the same numbers in both layouts; the prefix-shared one reads each shared
-token once.
+Packed layout: the same chains, several to a row up to ``row_tokens``, position ids restarting
+at 0 for each chain and attention kept inside a chain (block-diagonal causal, which Hugging Face
+models derive from the position-id resets), so rows carry almost no padding::
+
+    row 0: [ p0 p0 p0 a0 a0 o0 o0 a1 a1 a1 | q0 q0 b0 ]      positions 0..9 | 0..2
+
+Tree layout: packed chains, and the trajectories of one task group share their common first
+prompt (the task statement) as one root; each trajectory continues as a branch that attends to
+the root and to itself only (an explicit attention mask, ``tree_mask``), with positions
+continuing from the root::
+
+    row 0: [ r r r r | x0 a0 a0 o0 a1 | y0 y0 b0 ]   branches x and y both read root r r r r
+
+Action tokens are at ``(action_rows, action_cols)``; the log-prob of an action token and the
+token-level value of its state come from the model's output at ``(action_rows,
+action_pred_cols)``: the column before it in its chain (in the tree layout, the root's last
+token for a branch's first token). The step value V_t is read at ``(value_rows, value_cols)``,
+the position just before the step's first action token. A truncated trajectory's bootstrap
+state V(s_{T+1}) is read at ``(bootstrap_rows, bootstrap_cols)`` (``-1`` for trajectories that
+need none). A causal model sees the same tokens at the same positions before every read in every
+layout, so it gives the same numbers; the shared layouts read each shared token once.
 """
 
 from __future__ import annotations
@@ -47,7 +60,8 @@ import torch
 
 from steppo.core.records import Trajectory
 
-LAYOUTS = ("per_step", "prefix_shared")
+LAYOUTS = ("per_step", "prefix_shared", "packed", "tree")
+DEFAULT_ROW_TOKENS = 4096
 
 
 def _anchor_ids(trajectories: Sequence[Trajectory], group: torch.Tensor) -> list[int]:
@@ -229,8 +243,11 @@ def _scatter_padded(
 class TokenLayout:
     """Model input rows and where each action token and value read sits in them.
 
-    Shapes: ``input_ids, attention_mask, position_ids (R, L)``; ``action_rows, action_cols (N,)``;
-    ``value_rows, value_cols (S,)``; ``bootstrap_rows, bootstrap_cols (B,)`` (-1 = no bootstrap).
+    Shapes: ``input_ids, position_ids (R, L)``; ``attention_mask (R, L)`` (real tokens);
+    ``action_rows, action_cols, action_pred_cols (N,)``; ``value_rows, value_cols (S,)``;
+    ``bootstrap_rows, bootstrap_cols (B,)`` (-1 = no bootstrap); ``tree_mask (R, L, L)`` or
+    None: which positions each position attends to (tree layout only; the other layouts are
+    plain causal, the packed one restarting at every position-id reset).
     """
 
     kind: str
@@ -239,10 +256,12 @@ class TokenLayout:
     position_ids: torch.Tensor
     action_rows: torch.Tensor
     action_cols: torch.Tensor
+    action_pred_cols: torch.Tensor
     value_rows: torch.Tensor
     value_cols: torch.Tensor
     bootstrap_rows: torch.Tensor
     bootstrap_cols: torch.Tensor
+    tree_mask: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -254,6 +273,11 @@ class TokenLayout:
         return int(self.attention_mask.sum())
 
     @property
+    def padded_tokens(self) -> int:
+        """Tokens the model computes, padding included (rows x length)."""
+        return self.input_ids.numel()
+
+    @property
     def action_mask(self) -> torch.Tensor:
         """(R, L) bool: positions holding an action token."""
         mask = torch.zeros_like(self.attention_mask)
@@ -263,10 +287,10 @@ class TokenLayout:
     def gather_actions(self, per_position: torch.Tensor, shift: bool = True) -> torch.Tensor:
         """(R, L, ...) -> (N, ...): model outputs for each action token, canonical order.
 
-        With ``shift`` (the default) the output at ``col - 1`` is taken: the prediction of the
-        token, or the value of the state right before it.
+        With ``shift`` (the default) the output at the token's predecessor is taken: the
+        prediction of the token, or the value of the state right before it.
         """
-        cols = self.action_cols - 1 if shift else self.action_cols
+        cols = self.action_pred_cols if shift else self.action_cols
         return per_position[self.action_rows, cols]
 
     def gather_values(self, per_position: torch.Tensor) -> torch.Tensor:
@@ -281,110 +305,267 @@ class TokenLayout:
         return out
 
     def to(self, device: torch.device | str) -> "TokenLayout":
-        return TokenLayout(
-            kind=self.kind,
-            **{
-                name: getattr(self, name).to(device)
-                for name in self.__dataclass_fields__
-                if name != "kind"
-            },
-        )
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in self.__dataclass_fields__
+            if name != "kind" and getattr(self, name) is not None
+        }
+        return TokenLayout(kind=self.kind, **{**{"tree_mask": None}, **moved})
+
+
+# ----------------------------------------------------------------------------- planning
 
 
 @dataclass
-class _RowPlan:
-    """Rows as token lists plus, per step/trajectory, where the reads sit."""
+class _Chain:
+    """Consecutive steps of one trajectory whose prompts extend each other, as one token run.
 
-    rows: list[list[int]]
-    action_pos: list[tuple[int, int, int]]  # (row, first col, length) per step, canonical order
-    bootstrap_pos: list[tuple[int, int]]  # (row, col) per trajectory, (-1, -1) = none
+    ``steps``: (flat step index, offset of the first action token, action length).
+    ``bootstrap``: offset of the bootstrap read (the trajectory's, if it lands in this chain).
+    """
 
-
-def _plan_per_step(trajectories: Sequence[Trajectory]) -> _RowPlan:
-    plan = _RowPlan(rows=[], action_pos=[], bootstrap_pos=[])
-    for traj in trajectories:
-        for step in traj.steps:
-            plan.action_pos.append((len(plan.rows), len(step.prompt_ids), len(step.response_ids)))
-            plan.rows.append(step.context_ids)
-        plan.bootstrap_pos.append(_bootstrap_per_step(traj, plan.rows))
-    return plan
-
-
-def _bootstrap_per_step(traj: Trajectory, rows: list[list[int]]) -> tuple[int, int]:
-    if traj.terminated:
-        return (-1, -1)
-    if traj.bootstrap_ids is None:
-        return (len(rows) - 1, len(rows[-1]) - 1)
-    rows.append(list(traj.bootstrap_ids))
-    return (len(rows) - 1, len(traj.bootstrap_ids) - 1)
+    traj: int
+    tokens: list[int]
+    steps: list[tuple[int, int, int]]
+    bootstrap: int | None = None
 
 
 def _extends(context: list[int], ids: Sequence[int]) -> bool:
     return len(ids) >= len(context) and list(ids[: len(context)]) == context
 
 
-def _plan_prefix_shared(trajectories: Sequence[Trajectory]) -> _RowPlan:
-    plan = _RowPlan(rows=[], action_pos=[], bootstrap_pos=[])
-    for traj in trajectories:
-        row: list[int] | None = None
+def _chains(trajectories: Sequence[Trajectory], one_step_per_chain: bool) -> list[_Chain]:
+    chains: list[_Chain] = []
+    flat = 0
+    for b, traj in enumerate(trajectories):
+        current: _Chain | None = None
         for step in traj.steps:
             prompt = step.prompt_ids
-            if row is not None and _extends(row, prompt):
-                row.extend(prompt[len(row) :])
+            if current is not None and not one_step_per_chain and _extends(current.tokens, prompt):
+                current.tokens.extend(prompt[len(current.tokens):])
             else:
-                row = list(prompt)
-                plan.rows.append(row)
-            plan.action_pos.append((len(plan.rows) - 1, len(row), len(step.response_ids)))
-            row.extend(step.response_ids)
+                current = _Chain(b, list(prompt), [])
+                chains.append(current)
+            current.steps.append((flat, len(current.tokens), len(step.response_ids)))
+            current.tokens.extend(step.response_ids)
+            flat += 1
         if traj.terminated:
-            plan.bootstrap_pos.append((-1, -1))
-        elif traj.bootstrap_ids is None:
-            plan.bootstrap_pos.append((len(plan.rows) - 1, len(row) - 1))
+            continue
+        nxt = traj.bootstrap_ids
+        if nxt is None:
+            current.bootstrap = len(current.tokens) - 1
+        elif not one_step_per_chain and _extends(current.tokens, nxt):
+            current.tokens.extend(nxt[len(current.tokens):])
+            current.bootstrap = len(current.tokens) - 1
         else:
-            nxt = traj.bootstrap_ids
-            if _extends(row, nxt):
-                row.extend(nxt[len(row) :])
-            else:
-                plan.rows.append(list(nxt))
-            plan.bootstrap_pos.append((len(plan.rows) - 1, len(plan.rows[-1]) - 1))
-    return plan
+            chains.append(_Chain(b, list(nxt), [], bootstrap=len(nxt) - 1))
+    return chains
 
 
-def input_tokens(trajectory: Trajectory, kind: str) -> int:
-    """Model-input tokens one trajectory costs in a layout (the sum of its row lengths)."""
-    plan = _plan_per_step([trajectory]) if kind == "per_step" else _plan_prefix_shared([trajectory])
-    return sum(len(r) for r in plan.rows)
+@dataclass
+class _Unit:
+    """Tokens that attend to each other: a root and zero or more branches hanging off it."""
+
+    root: list[int]
+    branches: list[_Chain]  # a branch's own tokens are chain.tokens[len(root):]
+    chain: _Chain | None = None  # a plain chain (no branches) when set
+
+    def __len__(self) -> int:
+        if self.chain is not None:
+            return len(self.chain.tokens)
+        return len(self.root) + sum(len(c.tokens) - len(self.root) for c in self.branches)
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(x) for x in seqs)
+    first = seqs[0]
+    for i in range(n):
+        t = first[i]
+        if any(x[i] != t for x in seqs[1:]):
+            return i
+    return n
+
+
+def _tree_units(trajectories: Sequence[Trajectory], chains: list[_Chain]) -> list[_Unit]:
+    """Group each trajectory's first chain with the other first chains of its task group under
+    their common prompt prefix (never past any member's first action token)."""
+    first_chain: dict[int, _Chain] = {}
+    for c in chains:
+        first_chain.setdefault(c.traj, c)
+    groups: dict[str, list[_Chain]] = {}
+    for b, c in first_chain.items():
+        if c.steps:
+            groups.setdefault(trajectories[b].group_id, []).append(c)
+    units: list[_Unit] = []
+    rooted: set[int] = set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        limit = min(c.steps[0][1] for c in members)  # up to the first action token
+        shared = min(_common_prefix([c.tokens for c in members]), limit)
+        if shared < 1:
+            continue
+        units.append(_Unit(root=members[0].tokens[:shared], branches=members))
+        rooted.update(id(c) for c in members)
+    units += [_Unit(root=[], branches=[], chain=c) for c in chains if id(c) not in rooted]
+    return units
+
+
+@dataclass
+class _Placed:
+    """Where the planner put things: flat lists filled unit by unit."""
+
+    rows: list[list[int]]
+    positions: list[list[int]]
+    segments: list[list[int]]  # per token: segment id within its row (tree masks)
+    parents: list[dict[int, int]]  # per row: segment -> parent segment (-1 = none)
+    action: dict[int, tuple[int, int, int, int]]  # flat step -> (row, col, length, pred col)
+    bootstrap: dict[int, tuple[int, int]]  # trajectory -> (row, col)
+
+
+def _place(units: list[_Unit], row_tokens: int | None) -> _Placed:
+    """Lay units out in rows: one unit per row when `row_tokens` is None, else first-fit up to
+    `row_tokens` tokens a row (a longer unit gets a row of its own)."""
+    out = _Placed([], [], [], [], {}, {})
+    for unit in units:
+        n = len(unit)
+        if row_tokens is None or not out.rows or len(out.rows[-1]) + n > row_tokens:
+            out.rows.append([])
+            out.positions.append([])
+            out.segments.append([])
+            out.parents.append({})
+        r = len(out.rows) - 1
+        row, pos, seg, parents = out.rows[r], out.positions[r], out.segments[r], out.parents[r]
+        if unit.chain is not None:
+            sid = len(parents)
+            parents[sid] = -1
+            base = len(row)
+            row.extend(unit.chain.tokens)
+            pos.extend(range(len(unit.chain.tokens)))
+            seg.extend([sid] * len(unit.chain.tokens))
+            _record(out, unit.chain, r, lambda off, base=base: base + off)
+            continue
+        root_sid = len(parents)
+        parents[root_sid] = -1
+        root_start = len(row)
+        k = len(unit.root)
+        row.extend(unit.root)
+        pos.extend(range(k))
+        seg.extend([root_sid] * k)
+        for chain in unit.branches:
+            sid = len(parents)
+            parents[sid] = root_sid
+            start = len(row)
+            own = chain.tokens[k:]
+            row.extend(own)
+            pos.extend(range(k, k + len(own)))
+            seg.extend([sid] * len(own))
+
+            def col(off, start=start, root_start=root_start, k=k):
+                return root_start + off if off < k else start + off - k
+
+            _record(out, chain, r, col)
+    return out
+
+
+def _record(out: _Placed, chain: _Chain, r: int, col) -> None:
+    """Store action, value and bootstrap positions of `chain` (offsets mapped by `col`)."""
+    for flat, off, length in chain.steps:
+        out.action[flat] = (r, col(off), length, col(off - 1))
+    if chain.bootstrap is not None:
+        out.bootstrap[chain.traj] = (r, col(chain.bootstrap))
+
+
+def _plan(trajectories: Sequence[Trajectory], kind: str, row_tokens: int | None) -> _Placed:
+    if kind not in LAYOUTS:
+        raise ValueError(f"unknown layout {kind!r}; choose one of {LAYOUTS}")
+    chains = _chains(trajectories, one_step_per_chain=kind == "per_step")
+    if kind == "tree":
+        units = _tree_units(trajectories, chains)
+    else:
+        units = [_Unit(root=[], branches=[], chain=c) for c in chains]
+    budget = (row_tokens or DEFAULT_ROW_TOKENS) if kind in ("packed", "tree") else None
+    return _place(units, budget)
+
+
+def input_tokens(trajectories: Sequence[Trajectory], kind: str) -> int:
+    """Model-input tokens (padding excluded) the trajectories cost together in a layout."""
+    if kind not in LAYOUTS:
+        raise ValueError(f"unknown layout {kind!r}; choose one of {LAYOUTS}")
+    chains = _chains(trajectories, one_step_per_chain=kind == "per_step")
+    if kind == "tree":
+        return sum(len(u) for u in _tree_units(trajectories, chains))
+    return sum(len(c.tokens) for c in chains)
 
 
 def build_layout(
-    trajectories: Sequence[Trajectory], kind: str = "prefix_shared", pad_id: int = 0
+    trajectories: Sequence[Trajectory],
+    kind: str = "prefix_shared",
+    pad_id: int = 0,
+    row_tokens: int | None = None,
 ) -> TokenLayout:
-    """Lay the trajectories' tokens out in model input rows (right-padded), see module doc."""
-    if kind == "per_step":
-        plan = _plan_per_step(trajectories)
-    elif kind == "prefix_shared":
-        plan = _plan_prefix_shared(trajectories)
-    else:
-        raise ValueError(f"unknown layout {kind!r}; choose one of {LAYOUTS}")
-    R = len(plan.rows)
-    L = max((len(r) for r in plan.rows), default=0)
+    """Lay the trajectories' tokens out in model input rows (right-padded), see module doc.
+
+    Args:
+        kind: per_step | prefix_shared | packed | tree.
+        row_tokens: most tokens in a packed/tree row (default DEFAULT_ROW_TOKENS).
+    """
+    placed = _plan(trajectories, kind, row_tokens)
+    R = len(placed.rows)
+    L = max((len(r) for r in placed.rows), default=0)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((R, L), dtype=torch.bool)
-    for r, row in enumerate(plan.rows):
-        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[r, : len(row)] = True
-    pos = torch.tensor(plan.action_pos, dtype=torch.long).reshape(-1, 3)
-    rows, starts, lengths = pos[:, 0], pos[:, 1], pos[:, 2]
-    boot = torch.tensor(plan.bootstrap_pos, dtype=torch.long).reshape(-1, 2)
+    position_ids = torch.arange(L).expand(R, L).clone()
+    for r, (row, pos) in enumerate(zip(placed.rows, placed.positions)):
+        n = len(row)
+        input_ids[r, :n] = torch.tensor(row, dtype=torch.long)
+        attention_mask[r, :n] = True
+        position_ids[r, :n] = torch.tensor(pos, dtype=torch.long)
+        if kind in ("packed", "tree"):
+            position_ids[r, n:] = torch.arange(L - n)  # padding: a sequence of its own
+    S = len(placed.action)
+    act = torch.tensor([placed.action[i] for i in range(S)], dtype=torch.long).reshape(-1, 4)
+    rows, starts, lengths, preds = act[:, 0], act[:, 1], act[:, 2], act[:, 3]
+    ranks = _ranges(lengths)
+    first = ranks == 0
+    action_cols = torch.repeat_interleave(starts, lengths) + ranks
+    action_pred = torch.where(first, torch.repeat_interleave(preds, lengths), action_cols - 1)
+    boot = torch.full((len(trajectories), 2), -1, dtype=torch.long)
+    for b, (r, c) in placed.bootstrap.items():
+        boot[b] = torch.tensor([r, c])
     return TokenLayout(
         kind=kind,
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=torch.arange(L).expand(R, L).clone(),
+        position_ids=position_ids,
         action_rows=torch.repeat_interleave(rows, lengths),
-        action_cols=torch.repeat_interleave(starts, lengths) + _ranges(lengths),
+        action_cols=action_cols,
+        action_pred_cols=action_pred,
         value_rows=rows,
-        value_cols=starts - 1,
+        value_cols=preds,
         bootstrap_rows=boot[:, 0],
         bootstrap_cols=boot[:, 1],
+        tree_mask=_tree_mask(placed, L) if kind == "tree" else None,
     )
+
+
+def _tree_mask(placed: _Placed, L: int) -> torch.Tensor:
+    """(R, L, L) bool: position i attends to j <= i whose segment is i's or an ancestor of it
+    (padding attends to itself only, so no row of the mask is empty)."""
+    R = len(placed.rows)
+    mask = torch.zeros((R, L, L), dtype=torch.bool)
+    causal = torch.ones((L, L), dtype=torch.bool).tril()
+    for r, (segs, parents) in enumerate(zip(placed.segments, placed.parents)):
+        n = len(segs)
+        S = len(parents)
+        visible = torch.eye(S, dtype=torch.bool)  # visible[a, b]: segment a sees segment b
+        for a in range(S):
+            p = parents[a]
+            while p != -1:
+                visible[a, p] = True
+                p = parents[p]
+        seg = torch.tensor(segs, dtype=torch.long)
+        mask[r, :n, :n] = visible[seg][:, seg] & causal[:n, :n]
+        idx = torch.arange(n, L)
+        mask[r, idx, idx] = True
+    return mask

@@ -51,7 +51,8 @@ class EnvSettings:
     """Settings every environment shares.
 
     Attributes:
-        max_steps: episode step limit (the engine truncates after it).
+        max_steps: episode step limit (the engine ends episodes there); None = the
+            environment's own default for its task family, filled in at construction.
         invalid_action_penalty: reward added for a malformed or inadmissible action.
         format_penalty: reward added when the response does not follow the required format
             (e.g. a missing tool-call block); counted with invalid actions.
@@ -62,7 +63,7 @@ class EnvSettings:
             parsers read the action after the thought.
     """
 
-    max_steps: int = 10
+    max_steps: int | None = 10
     invalid_action_penalty: float = 0.0
     format_penalty: float = 0.0
     show_admissible: bool = True
@@ -79,6 +80,7 @@ class TextEnv(abc.ABC):
 
     name: str = "env"
     action_format: str = "text"  # "text" or "tool_call"
+    corpus_tasks: int = 400  # training tasks whose text trains the `tiny` tokenizer
     tools: dict[str, dict] | None = None  # tool name -> JSON schema, for tool_call envs
 
     def __init__(self, settings: EnvSettings | None = None):

@@ -60,13 +60,16 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 def run_decoder(decoder: nn.Module, layout: TokenLayout) -> torch.Tensor:
-    """(R, L, H) hidden states of right-padded rows.
+    """(R, L, H) hidden states of a layout's rows.
 
-    No attention mask is passed: rows are right-padded, so causal attention alone keeps every
-    real token from seeing padding (only pad positions see real tokens, and nothing reads
-    them), and attention can take its fused causal path.
+    Rows are right-padded, so causal attention alone keeps every real token from seeing
+    padding (only pad positions see real tokens, and nothing reads them): no 2-D mask is
+    passed and attention can take its fused causal path. Packed rows restart their position
+    ids at every chain, from which the model derives block-diagonal attention (flash-attention
+    varlen on GPU); tree rows pass their explicit (R, 1, L, L) mask.
     """
-    out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=False)
+    mask = layout.tree_mask[:, None] if layout.tree_mask is not None else None
+    out = decoder(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=mask, use_cache=False)
     return out.last_hidden_state
 
 

@@ -82,6 +82,8 @@ class RolloutSettings:
         env_workers: thread | process (see `steppo.rollout.workers`).
         step_timeout_s: longest env.reset / env.step before the episode is failed.
         schedule: continuous | rounds (see module doc).
+        kv_cache: keep each episode's keys/values between steps (cumulative context only), so a
+            step prefills only its new observation tokens.
         bootstrap_time_limit: treat the environment's step limit as a cut (truncated:
             bootstrap with V(next state)) instead of the end of the task (terminal, return 0).
             Off by default: when the limit is part of the task (ALFWorld's 50 steps, an
@@ -93,13 +95,14 @@ class RolloutSettings:
     context: str = "cumulative"
     window: int = 2
     max_new_tokens: int | None = None
-    context_limit: int = 2048
+    context_limit: int = 4096
     temperature: float = 1.0
     max_batch: int = 64
     num_envs: int = 16
     env_workers: str = "thread"
     step_timeout_s: float = 60.0
     schedule: str = "continuous"
+    kv_cache: bool = True
     bootstrap_time_limit: bool = False
 
 

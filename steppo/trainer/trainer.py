@@ -53,11 +53,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def env_corpus(env: TextEnv, tasks: list[Task], limit: int = 400) -> list[str]:
+def env_corpus(env: TextEnv, tasks: list[Task], limit: int | None = None) -> list[str]:
     """Text a tokenizer for this environment should know: prompts, expert actions and the
-    observations they lead to (on training tasks only)."""
+    observations they lead to (on the first `limit` training tasks, default the environment's
+    `corpus_tasks`)."""
     texts = [env.instructions()]
-    for task in tasks[:limit]:
+    for task in tasks[: limit or env.corpus_tasks]:
         obs, _ = env.reset(task)
         texts.append(obs)
         for action in env.expert_actions(task) or []:
@@ -115,7 +116,8 @@ class Trainer:
             self.make_env,
             self.models.chat,
             LocalBackend(self.models.policy.model, {self.models.chat.end_of_turn_id},
-                         self.cfg.rollout.temperature, self.pad_id),
+                         self.cfg.rollout.temperature, self.pad_id,
+                         kv_cache=self.cfg.rollout.kv_cache and self.cfg.rollout.context == "cumulative"),
             self.cfg.rollout,
             self.env.instructions(),
             self.env.settings,
@@ -199,6 +201,7 @@ class Trainer:
             layout=self.cfg.layout, pad_id=self.pad_id, seed=self.cfg.run.seed, dtype=self.models.dtype,
         )
         self.sft_done = True
+        self.engine.backend.invalidate()
         self.models.policy.model.save_pretrained(self.sft_dir)
         self.models.tokenizer.save_pretrained(self.sft_dir)
         if self.cfg.algo.uses_reference and self.models.reference is not None:
@@ -227,13 +230,14 @@ class Trainer:
         if trajs:
             batch = StepBatch.from_trajectories(trajs)
             layout = cfg.layout
-            scored = score_batch(self.models, algo, trajs, batch, layout, cfg.trainer.micro_batch_tokens, self.pad_id)
+            scored = score_batch(self.models, algo, trajs, batch, layout, cfg.trainer.micro_batch_tokens, self.pad_id,
+                                 cfg.trainer.row_tokens)
             metrics["rollout/logprob_parity_max_abs"] = float((scored.logprobs - batch.old_logprobs).abs().max())
             credit = compute_credit(algo, batch, scored)
             settings = UpdateSettings(
                 epochs=cfg.trainer.epochs, minibatch_steps=cfg.trainer.minibatch_steps,
                 micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_grad_norm=cfg.trainer.max_grad_norm,
-                layout=layout, old_logprobs=cfg.trainer.old_logprobs,
+                layout=layout, old_logprobs=cfg.trainer.old_logprobs, row_tokens=cfg.trainer.row_tokens,
                 train_policy=it > self.cfg.critic.warmup_iterations or not algo.critic,
             )
             rng = random.Random(derived_seed(cfg.run.seed, "minibatch", it))
@@ -247,9 +251,10 @@ class Trainer:
                 metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[sel].mean())
             if settings.train_policy:
                 self.policy_version += 1
+            self.engine.backend.invalidate()
             self._log_samples(it, trajs[: cfg.trainer.sample_trajectories], scored, credit)
             tokens = sum(len(t.steps[-1].context_ids) for t in trajs)
-            trained = cfg.trainer.epochs * sum(input_tokens(t, layout) for t in trajs)
+            trained = cfg.trainer.epochs * input_tokens(trajs, layout)
         else:
             tokens = trained = 0
         t2 = time.perf_counter()

@@ -42,24 +42,36 @@ class UpdateSettings:
     layout: str
     old_logprobs: str
     train_policy: bool  # False during critic warm-up
+    row_tokens: int | None = None
 
 
-def chunk_by_tokens(trajs: Sequence[Trajectory], order: list[int], budget: int, layout: str) -> list[list[int]]:
-    """Split `order` (trajectory indices) into consecutive groups of at most `budget` input
-    tokens (a trajectory larger than the budget forms its own group)."""
-    groups: list[list[int]] = []
+def blocks(trajs: Sequence[Trajectory], layout: str) -> list[list[int]]:
+    """Units that mini- and micro-batches never split: one trajectory each, or for the tree
+    layout a whole task group (its members share their prompt's tokens)."""
+    if layout != "tree":
+        return [[i] for i in range(len(trajs))]
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(trajs):
+        groups.setdefault(t.group_id, []).append(i)
+    return list(groups.values())
+
+
+def chunk_by_tokens(trajs: Sequence[Trajectory], units: list[list[int]], budget: int, layout: str) -> list[list[int]]:
+    """Concatenate `units` (lists of trajectory indices) into consecutive chunks of at most
+    `budget` model-input tokens (a unit larger than the budget forms its own chunk)."""
+    chunks: list[list[int]] = []
     cur: list[int] = []
     used = 0
-    for i in order:
-        cost = input_tokens(trajs[i], layout)
+    for unit in units:
+        cost = input_tokens([trajs[i] for i in unit], layout)
         if cur and used + cost > budget:
-            groups.append(cur)
+            chunks.append(cur)
             cur, used = [], 0
-        cur.append(i)
+        cur += unit
         used += cost
     if cur:
-        groups.append(cur)
-    return groups
+        chunks.append(cur)
+    return chunks
 
 
 def flat_ranges(batch: StepBatch, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +100,7 @@ class Scored:
 
 @torch.no_grad()
 def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajectory], batch: StepBatch,
-                layout_kind: str, budget: int, pad_id: int) -> Scored:
+                layout_kind: str, budget: int, pad_id: int, row_tokens: int | None = None) -> Scored:
     device = models.device
     logprobs = torch.zeros(batch.num_tokens)
     step_values = torch.zeros(batch.num_steps) if algo.critic else None
@@ -98,9 +110,9 @@ def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajector
     policy = models.policy
     was = policy.training
     policy.eval()
-    for group in chunk_by_tokens(trajs, list(range(len(trajs))), budget, layout_kind):
+    for group in chunk_by_tokens(trajs, blocks(trajs, layout_kind), budget, layout_kind):
         step_idx, tok_idx = flat_ranges(batch, group)
-        layout = build_layout([trajs[i] for i in group], layout_kind, pad_id).to(device)
+        layout = build_layout([trajs[i] for i in group], layout_kind, pad_id, row_tokens).to(device)
         with autocast(device, models.dtype):
             lp, _, hidden = policy(layout)
             logprobs[tok_idx] = lp.float().cpu()
@@ -148,9 +160,10 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
     n_updates = 0
     policy.train()
     for _ in range(settings.epochs):
-        order = list(range(len(trajs)))
+        order = blocks(trajs, settings.layout)
         rng.shuffle(order)
-        for mb in _minibatches(trajs, order, settings.minibatch_steps):
+        for mb_units in _minibatches(trajs, order, settings.minibatch_steps):
+            mb = [i for unit in mb_units for i in unit]
             mb_steps, mb_toks = flat_ranges(batch, mb)
             sub = StepBatch.from_trajectories([trajs[i] for i in mb])
             weights = aggregation_weights(algo.aggregation, sub.token_step, sub.step_traj)
@@ -158,11 +171,11 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
             n_vals = len(mb_toks) if token_critic else len(mb_steps)
             stats: dict[str, float] = {}
             t_off = 0
-            for micro in chunk_by_tokens(trajs, mb, settings.micro_batch_tokens, settings.layout):
+            for micro in chunk_by_tokens(trajs, mb_units, settings.micro_batch_tokens, settings.layout):
                 m_steps, m_toks = flat_ranges(batch, micro)
                 ts = slice(t_off, t_off + len(m_toks))
                 t_off += len(m_toks)
-                layout = build_layout([trajs[i] for i in micro], settings.layout, pad_id).to(device)
+                layout = build_layout([trajs[i] for i in micro], settings.layout, pad_id, settings.row_tokens).to(device)
                 w = weights[ts].to(device)
                 loss = torch.zeros((), device=device)
                 with autocast(device, models.dtype):
@@ -244,15 +257,15 @@ class Optimiser:
         self.sched.load_state_dict(state["sched"])
 
 
-def _minibatches(trajs: Sequence[Trajectory], order: list[int], steps_per_mb: int) -> list[list[int]]:
-    """Consecutive groups of whole trajectories holding about `steps_per_mb` steps each
-    (0 = one group with everything)."""
+def _minibatches(trajs: Sequence[Trajectory], units: list[list[int]], steps_per_mb: int) -> list[list[list[int]]]:
+    """Consecutive groups of `units` holding about `steps_per_mb` steps each (0 = one group
+    with everything); units (trajectories, or task groups for the tree layout) stay whole."""
     if steps_per_mb <= 0:
-        return [order]
+        return [units]
     groups, cur, count = [], [], 0
-    for i in order:
-        cur.append(i)
-        count += len(trajs[i].steps)
+    for unit in units:
+        cur.append(unit)
+        count += sum(len(trajs[i].steps) for i in unit)
         if count >= steps_per_mb:
             groups.append(cur)
             cur, count = [], 0

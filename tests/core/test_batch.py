@@ -9,7 +9,7 @@ from steppo.core.batch import StepBatch, build_layout
 from steppo.core.credit import estimate_credit
 from steppo.core.losses import segment_mean
 from steppo.core.records import RecordError, Step, Trajectory
-from tests.conftest import causal_readout, make_trajectory
+from tests.conftest import causal_readout, make_batch, make_trajectory
 
 
 def _step(prompt, response, **kw):
@@ -112,7 +112,7 @@ def test_prefix_shared_layout_hand_example():
 
 def test_unknown_layout_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown layout"):
-        build_layout(_two_trajectories(), "packed")
+        build_layout(_two_trajectories(), "zigzag")
 
 
 def test_truncated_without_bootstrap_reads_last_response_token():
@@ -126,8 +126,8 @@ def _per_step_numbers(trajs, kind):
     """Per-step log-prob sums, step ratios, values, bootstrap values and advantages that a
     causal model gives in this layout."""
     batch = StepBatch.from_trajectories(trajs)
-    layout = build_layout(trajs, kind)
-    out = causal_readout(layout.input_ids)
+    layout = build_layout(trajs, kind, row_tokens=48)
+    out = causal_readout(layout)
     token_logprobs = -torch.nn.functional.softplus(layout.gather_actions(out[..., 0]) * 3)
     values = layout.gather_values(out[..., 1])
     token_values = layout.gather_actions(out[..., 1])
@@ -155,14 +155,15 @@ def _per_step_numbers(trajs, kind):
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 10**6), num=st.integers(1, 8))
-def test_both_layouts_give_identical_per_step_results(seed, num):
-    rng = random.Random(seed)
-    trajs = [make_trajectory(rng, f"t{i}", f"g{i % 3}") for i in range(num)]
+def test_all_layouts_give_identical_per_step_results(seed, num):
+    trajs = make_batch(seed, num=num, groups=3, shared_prompts=seed % 4 != 0)
     a = _per_step_numbers(trajs, "per_step")
-    b = _per_step_numbers(trajs, "prefix_shared")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=key)
-    assert build_layout(trajs, "prefix_shared").num_input_tokens <= build_layout(trajs, "per_step").num_input_tokens
+    for kind in ("prefix_shared", "packed", "tree"):
+        b = _per_step_numbers(trajs, kind)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6, msg=f"{kind}: {key}")
+    tokens = [build_layout(trajs, k, row_tokens=64).num_input_tokens for k in ("per_step", "prefix_shared", "packed", "tree")]
+    assert tokens[0] >= tokens[1] == tokens[2] >= tokens[3]
 
 
 def test_prefix_shared_reads_each_shared_token_once():
@@ -177,32 +178,32 @@ def test_prefix_shared_reads_each_shared_token_once():
     )
 
 
-def test_both_layouts_agree_with_a_real_causal_transformer():
+def test_all_layouts_agree_with_a_real_transformer():
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steppo.models.policy import run_decoder
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         )
     ).eval()
-    rng = random.Random(11)
-    trajs = [make_trajectory(rng, f"t{i}", vocab=60) for i in range(5)]
-    results = []
-    for kind in ("per_step", "prefix_shared"):
-        layout = build_layout(trajs, kind)
+    trajs = make_batch(11, num=6, groups=2)
+    results = {}
+    for kind in ("per_step", "prefix_shared", "packed", "tree"):
+        layout = build_layout(trajs, kind, row_tokens=80)
         with torch.no_grad():
-            logits = model(
-                input_ids=layout.input_ids,
-                attention_mask=layout.attention_mask.long(),
-                position_ids=layout.position_ids,
-            ).logits
-        logp = torch.log_softmax(logits, -1)
-        token_lp = layout.gather_actions(logp).gather(-1, layout.input_ids[layout.action_rows, layout.action_cols].unsqueeze(-1))
-        results.append((token_lp.squeeze(-1), layout.gather_values(logits[..., 0])))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+            hidden = run_decoder(model.model, layout)
+            logp = torch.log_softmax(model.lm_head(hidden), -1)
+        targets = layout.input_ids[layout.action_rows, layout.action_cols]
+        token_lp = layout.gather_actions(logp).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        results[kind] = (token_lp, layout.gather_values(hidden[..., 0]), layout.gather_bootstrap(hidden[..., 1]))
+    assert build_layout(trajs, "tree", row_tokens=80).tree_mask is not None
+    for kind in ("prefix_shared", "packed", "tree"):
+        for a, b in zip(results["per_step"], results[kind]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=kind)
 
 
 def test_empty_batch_collates():
@@ -215,11 +216,11 @@ def test_empty_batch_collates():
 def test_outputs_at_unread_positions_change_nothing():
     rng = random.Random(5)
     trajs = [make_trajectory(rng, f"t{i}") for i in range(6)]
-    for kind in ("per_step", "prefix_shared"):
-        layout = build_layout(trajs, kind)
-        out = causal_readout(layout.input_ids)[..., 0]
+    for kind in ("per_step", "prefix_shared", "packed", "tree"):
+        layout = build_layout(trajs, kind, row_tokens=48)
+        out = causal_readout(layout)[..., 0]
         read = torch.zeros_like(layout.attention_mask)
-        read[layout.action_rows, layout.action_cols - 1] = True
+        read[layout.action_rows, layout.action_pred_cols] = True
         read[layout.value_rows, layout.value_cols] = True
         has = layout.bootstrap_rows >= 0
         read[layout.bootstrap_rows[has], layout.bootstrap_cols[has]] = True
@@ -228,3 +229,35 @@ def test_outputs_at_unread_positions_change_nothing():
         torch.testing.assert_close(layout.gather_values(noisy), layout.gather_values(out))
         torch.testing.assert_close(layout.gather_bootstrap(noisy), layout.gather_bootstrap(out))
         assert not read[~layout.attention_mask].any()  # nothing is read at padding
+
+
+def _group_pair():
+    a = Trajectory(
+        steps=[_step([1, 2, 3], [4, 5]), _step([1, 2, 3, 4, 5, 6], [7], terminated=True)], id="a", group_id="task"
+    )
+    b = Trajectory(steps=[_step([1, 2, 3], [8], terminated=True)], id="b", group_id="task")
+    return [a, b]
+
+
+def test_packed_layout_hand_example():
+    layout = build_layout(_group_pair(), "packed", row_tokens=100)
+    assert layout.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 8]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]]
+    assert layout.action_cols.tolist() == [3, 4, 6, 10]
+    assert layout.action_pred_cols.tolist() == [2, 3, 5, 9]
+    assert layout.value_cols.tolist() == [2, 5, 9]
+    # A row budget smaller than both chains puts each in its own row.
+    assert build_layout(_group_pair(), "packed", row_tokens=8).num_rows == 2
+
+
+def test_tree_layout_shares_the_group_prompt_hand_example():
+    layout = build_layout(_group_pair(), "tree", row_tokens=100)
+    assert layout.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 3]]
+    assert layout.action_cols.tolist() == [3, 4, 6, 7]
+    assert layout.action_pred_cols.tolist() == [2, 3, 5, 2]  # b's first token is read off the root
+    assert layout.value_cols.tolist() == [2, 5, 2]
+    visible = layout.tree_mask[0]
+    assert visible[7].nonzero().flatten().tolist() == [0, 1, 2, 7]  # branch b sees the root only
+    assert visible[6].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert layout.num_input_tokens == 8 < build_layout(_group_pair(), "packed").num_input_tokens == 11

@@ -100,5 +100,5 @@ def test_smollm2_converts_once_and_answers(tmp_path):
     from steppo.models.generation import generate
 
     prompt = models.chat.initial_prompt(None, "What is the capital of France? Answer in one word.")
-    out = generate(models.policy.model, [prompt], [16], {models.chat.end_of_turn_id}, greedy=True)
+    out, _ = generate(models.policy.model, [prompt], [16], {models.chat.end_of_turn_id}, greedy=True)
     assert "paris" in models.chat.decode(out[0].response_ids).lower()

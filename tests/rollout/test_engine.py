@@ -11,11 +11,12 @@ from steppo.rollout.engine import RolloutEngine, RolloutError, RolloutSettings
 from steppo.rollout.local import LocalBackend
 
 
-def make_engine(models, factory=None, **settings):
+def make_engine(models, factory=None, kv_cache=True, **settings):
     kw = dict(max_new_tokens=6, num_envs=4, schedule="rounds", step_timeout_s=5.0)
     kw.update(settings)
     env = (factory or CompassEnv)()
-    backend = LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, 1.0, models.tokenizer.pad_token_id)
+    backend = LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, 1.0, models.tokenizer.pad_token_id,
+                           kv_cache=kv_cache)
     return RolloutEngine(factory or CompassEnv, models.chat, backend, RolloutSettings(**kw),
                          env.instructions(), env.settings)
 
@@ -218,3 +219,24 @@ def test_environment_steps_overlap_each_other_and_generation(tiny_models):
     assert across_envs and with_generation
     # Stepping one environment after another would take at least the sum of the sleeps.
     assert result.wall_s < 0.6 * 0.15 * len(ran)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kv_cached_rollout_matches_re_prefilling(tiny_models, greedy):
+    """Same episodes (tokens and log-probs) with and without per-episode KV caches, and the
+    cached run prefills only the new observation tokens."""
+    runs = {}
+    for kv_cache in (False, True):
+        engine = make_engine(tiny_models, kv_cache=kv_cache, num_envs=6)
+        result = run(engine, n=6, greedy=greedy)
+        runs[kv_cache] = (result, engine.backend.prefill_tokens)
+        engine.close()
+    (plain, plain_prefill), (cached, cached_prefill) = runs[False], runs[True]
+    assert [[s.response_ids for s in t.steps] for t in plain.trajectories] == [
+        [s.response_ids for s in t.steps] for t in cached.trajectories
+    ]
+    a = torch.tensor([lp for t in plain.trajectories for s in t.steps for lp in s.logprobs])
+    b = torch.tensor([lp for t in cached.trajectories for s in t.steps for lp in s.logprobs])
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    assert plain_prefill == sum(len(s.prompt_ids) for t in plain.trajectories for s in t.steps)
+    assert cached_prefill < plain_prefill / 2
