@@ -5,6 +5,7 @@
     steppo train --config configs/compass.yaml --resume
     steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
+    steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--episodes", type=int, help="episodes (default trainer.eval_episodes)")
             sp.add_argument("--sampled", action="store_true", help="sample instead of greedy decoding")
             sp.add_argument("--json", help="also write the summary to this file")
+    cp = sub.add_parser("compare", help="run a comparison protocol (presets x seeds) and write tables and plots")
+    cp.add_argument("protocol", help="protocol YAML (configs/compare/*.yaml)")
+    cp.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
+    cp.add_argument("--presets", nargs="*", help="only these presets")
+    cp.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    cp.add_argument("--out", help="results directory (default results/<protocol name>)")
+    cp.add_argument("--runs", help="run directories (default runs/compare/<protocol name>)")
     return p
 
 
@@ -139,11 +147,19 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def cmd_compare(args) -> int:
+    from steppo.compare import run_protocol, table
+
+    results = run_protocol(args.protocol, args.out, args.jobs, args.presets, args.seeds, args.runs)
+    print(table(results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except ConfigError as exc:
         print(f"steppo: config error: {exc}", file=sys.stderr)
         return 2

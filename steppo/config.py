@@ -102,7 +102,9 @@ class TrainerConfig:
     """The update loop.
 
     Attributes:
-        iterations: rollout + update cycles.
+        iterations: rollout + update cycles (an upper bound when max_env_steps is set).
+        max_env_steps: stop once this many environment steps were played (0 = no budget);
+            comparisons give every method the same budget.
         trajectories_per_iteration: episodes per update, equal across presets; group
             presets play trajectories_per_iteration / group_size tasks, group_size times each.
         epochs: passes over each batch (the paper uses 1).
@@ -128,6 +130,7 @@ class TrainerConfig:
     """
 
     iterations: int = 60
+    max_env_steps: int = 0
     trajectories_per_iteration: int = 32
     epochs: int = 2
     minibatch_steps: int = 64
@@ -211,6 +214,7 @@ class Config:
                 raise ConfigError(msg)
 
         need(t.iterations >= 0, "trainer.iterations must be >= 0")
+        need(t.max_env_steps >= 0, "trainer.max_env_steps must be >= 0")
         need(t.trajectories_per_iteration >= 1, "trainer.trajectories_per_iteration must be >= 1")
         need(
             t.trajectories_per_iteration % self.algo.group_size == 0,

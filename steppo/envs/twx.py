@@ -7,7 +7,9 @@ from the ``textworld-express`` package, whose simulator runs in a JVM.
 * Params: ``game``; ``game_params`` (the game's generation settings, e.g. ``{numLocations: 3,
   includeDoors: 0}``; integers, booleans as 0/1; unset keys keep the package's defaults; keys
   and ranges are checked here because the jar silently ignores non-integer values);
-  ``num_tasks`` (per split, at most 1000).
+  ``num_tasks`` (per split, at most 1000); ``observation``: ``full`` (the game's text) or
+  ``compact`` (room descriptions cut to the room, its exits and takeable things: a fraction of
+  the tokens, for CPU-scale experiments).
 * Splits: the package's own folds, each with its seed range: ``train`` = fold train, seeds
   0..999; ``dev`` = fold dev, 10000..10999; ``test`` = fold test, 20000..20999. The fold also
   picks a disjoint pool of objects, so the splits differ in content, not just in seed.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import hashlib
 import json
 import os
@@ -128,7 +131,11 @@ class TextWorldExpressEnv(TextEnv):
         game: str = "coin",
         game_params: dict[str, int] | None = None,
         num_tasks: dict[str, int] | None = None,
+        observation: str = "full",
     ):
+        if observation not in ("full", "compact"):
+            raise EnvError("twx observation must be 'full' or 'compact'")
+        self.observation = observation
         if game not in GAME_PARAMS:
             raise EnvError(f"unknown twx game {game!r}; available: {sorted(GAME_PARAMS)}")
         super().__init__(settings)
@@ -216,7 +223,19 @@ class TextWorldExpressEnv(TextEnv):
     def _info(self) -> dict[str, Any]:
         return {"anchor": self._anchor, "admissible": self._admissible(), "score": self._infos["score"]}
 
+    def _compact(self, text: str) -> str:
+        """A room description cut to where the player is, the exits, and the sentences that
+        name something the player can take (the rest is furniture)."""
+        if "You are in the" not in text:
+            return text
+        takeable = [a[5:] for a in self._infos.get("validActions", []) if a.startswith("take ")]
+        sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+        kept = [x for x in sentences if x.startswith(("You are in", "To the")) or any(o in x for o in takeable)]
+        return " ".join(kept)
+
     def _with_commands(self, text: str) -> str:
+        if self.observation == "compact":
+            text = self._compact(text)
         if not self.settings.show_admissible:
             return text
         return f"{text}\nAdmissible commands: {', '.join(self._admissible())}."
@@ -229,8 +248,8 @@ class TextWorldExpressEnv(TextEnv):
         self._history = []
         self._done = False
         self._observe(infos)
-        text = f"{infos['taskDescription'].strip()}\n{obs.strip()}"
-        return self._with_commands(text), self._info()
+        text = self._with_commands(obs.strip())
+        return f"{infos['taskDescription'].strip()}\n{text}", self._info()
 
     def _act(self, action) -> Transition:
         if self._done:

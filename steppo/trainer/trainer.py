@@ -308,10 +308,10 @@ class Trainer:
                 if f"{mode}/success" in before:
                     summary[f"{mode}/success_before"] = before[f"{mode}/success"]
             self.say(f"held-out success before RL: {self._describe(before)}")
-        while self.iteration < cfg.trainer.iterations:
+        while not self.finished:
             metrics = self.train_iteration()
             it = self.iteration
-            last = it == cfg.trainer.iterations
+            last = self.finished
             if (cfg.trainer.eval_interval and it % cfg.trainer.eval_interval == 0) or last:
                 metrics.update(self.evaluate(it))
                 if cfg.trainer.eval_sampled:
@@ -328,6 +328,12 @@ class Trainer:
         if "last" in summary:
             self.say(f"held-out success after RL: {self._describe(summary['last'])}")
         return summary
+
+    @property
+    def finished(self) -> bool:
+        """The iteration limit, or the environment-step budget, is reached."""
+        budget = self.cfg.trainer.max_env_steps
+        return self.iteration >= self.cfg.trainer.iterations or (budget > 0 and self.env_steps >= budget)
 
     def _describe(self, metrics: dict) -> str:
         parts = [f"{metrics['eval/success']:.3f} greedy"]
