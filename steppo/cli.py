@@ -6,6 +6,7 @@
     steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
     steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
+    torchrun --nproc_per_node 8 -m steppo.cli train --config ...  # DDP / FSDP (trainer.parallel)
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def cmd_train(args) -> int:
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, disable=not cfg.run.progress,
+            console=console, disable=not cfg.run.progress or not trainer.dist.is_main,
         ) as bar:
             task = bar.add_task(f"{cfg.algo.name} on {cfg.env.name}", total=cfg.trainer.iterations,
                                 completed=trainer.iteration, info="")
@@ -82,6 +83,8 @@ def cmd_train(args) -> int:
             summary = trainer.train(progress)
     finally:
         trainer.close()
+    if not trainer.dist.is_main:
+        return 0
     table = Table(title=f"StepPO run: {cfg.run.output_dir}")
     table.add_column("metric")
     table.add_column("value", justify="right")

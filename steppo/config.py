@@ -127,6 +127,8 @@ class TrainerConfig:
         checkpoint_interval: iterations between checkpoints (0 = only at the end).
         keep_checkpoints: most recent checkpoints kept.
         sample_trajectories: trajectories written to samples.jsonl per iteration.
+        parallel: auto | none | ddp | fsdp: how several processes (``torchrun``) train;
+            auto = DDP when launched on several processes (see `steppo.trainer.distributed`).
     """
 
     iterations: int = 60
@@ -148,6 +150,7 @@ class TrainerConfig:
     checkpoint_interval: int = 20
     keep_checkpoints: int = 2
     sample_trajectories: int = 2
+    parallel: str = "auto"
 
 
 @dataclass
@@ -230,6 +233,7 @@ class Config:
         need(t.old_logprobs in ("recompute", "rollout"), "trainer.old_logprobs must be recompute or rollout")
         need(t.eval_interval >= 0 and t.checkpoint_interval >= 0, "intervals must be >= 0")
         need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+        need(t.parallel in ("auto", "none", "ddp", "fsdp"), "trainer.parallel must be auto, none, ddp or fsdp")
         need(r.context in CONTEXTS, f"rollout.context must be one of {CONTEXTS}")
         need(r.schedule in SCHEDULES, f"rollout.schedule must be one of {SCHEDULES}")
         need(r.max_new_tokens is None or r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1 (or null)")

@@ -9,6 +9,7 @@ weights (the paper's choice) or the policy's own decoder (cheaper; trained joint
 from __future__ import annotations
 
 import copy
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +25,12 @@ LOGIT_CHUNK = 1024  # action tokens per LM-head chunk: bounds the (chunk, vocab)
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present; under a launcher (LOCAL_RANK set) bare ``cuda`` is this
+    process's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 

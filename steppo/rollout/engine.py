@@ -29,6 +29,8 @@ exceeds ``step_timeout_s`` ends its episode as truncated (``env_error`` / ``env_
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import time
 from collections import Counter
@@ -79,7 +81,10 @@ class RolloutSettings:
         temperature: sampling temperature (the trainer scores with the same).
         max_batch: most episodes in one generation call.
         num_envs: environment workers (episodes running at once).
-        env_workers: thread | process (see `steppo.rollout.workers`).
+        env_workers: thread | process | ray (see `steppo.rollout.workers`).
+        ray_address: Ray cluster for ``ray`` workers (None: start a local one; ``auto``: join
+            the running cluster).
+        ray_cpus_per_env: CPUs each environment actor reserves.
         step_timeout_s: longest env.reset / env.step before the episode is failed.
         schedule: continuous | rounds (see module doc).
         kv_cache: keep each episode's keys/values between steps (cumulative context only), so a
@@ -100,6 +105,8 @@ class RolloutSettings:
     max_batch: int = 64
     num_envs: int = 16
     env_workers: str = "thread"
+    ray_address: str | None = None
+    ray_cpus_per_env: float = 0.25
     step_timeout_s: float = 60.0
     schedule: str = "continuous"
     kv_cache: bool = True
@@ -132,6 +139,25 @@ class Episode:
 @dataclass
 class RolloutResult:
     """Finished trajectories plus what happened to every episode."""
+
+    def portable(self) -> "RolloutResult":
+        """A copy that pickles (for gathering across ranks): episodes without their worker
+        handle and sampling generator."""
+        eps = [dataclasses.replace(e, worker=None, generator=None) for e in self.episodes]
+        return dataclasses.replace(self, episodes=eps)
+
+    @staticmethod
+    def merge(parts: "list[RolloutResult]") -> "RolloutResult":
+        """One result from the shares data-parallel ranks played (in rank order)."""
+        return RolloutResult(
+            trajectories=[t for p in parts for t in p.trajectories],
+            episodes=[e for p in parts for e in p.episodes],
+            generated_tokens=sum(p.generated_tokens for p in parts),
+            generation_s=max(p.generation_s for p in parts),
+            wall_s=max(p.wall_s for p in parts),
+            env_calls=[c for p in parts for c in p.env_calls],
+            generation_calls=[c for p in parts for c in p.generation_calls],
+        )
 
     trajectories: list[Trajectory]
     episodes: list[Episode]
@@ -192,7 +218,8 @@ class RolloutEngine:
         self.max_steps = env_settings.max_steps
         self.max_new_tokens = settings.max_new_tokens or env_settings.max_new_tokens
         self.stop_ids = set(stop_ids or ()) | {chat.end_of_turn_id}
-        self.pool = WorkerPool(env_factory, settings.num_envs, settings.env_workers)
+        self.pool = WorkerPool(env_factory, settings.num_envs, settings.env_workers,
+                               settings.ray_address, settings.ray_cpus_per_env)
         self._env_calls: list[tuple[float, float, int]] = []
 
     def close(self) -> None:
@@ -208,9 +235,13 @@ class RolloutEngine:
         iteration: int = 0,
         greedy: bool = False,
         policy_version: int = 0,
+        indices: list[int] | None = None,
     ) -> RolloutResult:
-        """Play one episode per task (tasks may repeat for group sampling)."""
+        """Play one episode per task (tasks may repeat for group sampling). `indices` number the
+        episodes (default 0..n-1; a data-parallel rank passes its share's global positions, so
+        episode ids and sampling seeds do not depend on how tasks were split)."""
         t_start = time.perf_counter()
+        indices = list(range(len(tasks))) if indices is None else indices
         episodes = [
             Episode(
                 index=i,
@@ -219,7 +250,7 @@ class RolloutEngine:
                 group_id=g,
                 generator=episode_generator(seed, iteration, i),
             )
-            for i, (t, g) in enumerate(zip(tasks, group_ids))
+            for i, t, g in zip(indices, tasks, group_ids)
         ]
         waiting = list(reversed(episodes))
         inflight: dict[Future, tuple[Episode, str, float, float]] = {}  # fut -> (ep, kind, start, deadline)

@@ -8,6 +8,10 @@ worker and collects a future, so a slow environment delays only its own episode.
 * ``process`` workers suit environments that are not thread-safe or hold the GIL for long
   (ALFWorld's TextWorld/PDDL engine): each instance runs in a spawned child process, so they
   step in parallel on several cores, and a hung one is killed rather than abandoned.
+* ``ray`` workers run each instance in a Ray actor (``pip install 'steppo[ray]'``): hundreds
+  of environments spread over a cluster's nodes (``rollout.ray_address``: ``auto`` joins a
+  running cluster, unset starts a local one), each actor reserving
+  ``rollout.ray_cpus_per_env`` CPUs. Same semantics: a hung actor is killed and replaced.
 
 A worker whose call outlives its timeout, or whose environment raised, is replaced by a fresh
 one (a thread cannot be killed: it is a daemon and stays parked; a process is terminated).
@@ -24,7 +28,7 @@ from typing import Any, Callable
 
 from steppo.envs.base import TextEnv
 
-WORKER_KINDS = ("thread", "process")
+WORKER_KINDS = ("thread", "process", "ray")
 
 
 class EnvWorker:
@@ -149,24 +153,102 @@ class ProcessEnvWorker:
         self._conn.close()
 
 
+_RAY_ACTOR = None
+
+
+def _ray_actor_class():
+    """The Ray actor class (defined on first use, so Ray stays an optional dependency)."""
+    global _RAY_ACTOR
+    if _RAY_ACTOR is None:
+        import ray
+
+        @ray.remote(max_restarts=0)
+        class EnvActor:
+            def __init__(self, factory: Callable[[], TextEnv]):
+                self._factory = factory
+                self.env: TextEnv | None = None
+
+            def call(self, method: str, args: tuple) -> Any:
+                if self.env is None:
+                    self.env = self._factory()
+                return getattr(self.env, method)(*args)
+
+            def ready(self) -> bool:
+                return True
+
+            def close(self) -> None:
+                if self.env is not None:
+                    self.env.close()
+
+        _RAY_ACTOR = EnvActor
+    return _RAY_ACTOR
+
+
+class RayEnvWorker:
+    """One environment instance in a Ray actor; same interface as `EnvWorker`.
+
+    The factory must be picklable (`steppo.envs.registry.EnvFactory` is). Ray is started on
+    first use: ``ray.init(address)`` (None starts a local cluster; ``auto`` joins a running one).
+    """
+
+    def __init__(self, factory: Callable[[], TextEnv], name: str = "env-ray", address: str | None = None,
+                 num_cpus: float = 0.25):
+        try:
+            import ray
+        except ImportError as exc:
+            raise ImportError("rollout.env_workers=ray needs Ray: pip install 'steppo[ray]'") from exc
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        self._ray = ray
+        self._actor = _ray_actor_class().options(num_cpus=num_cpus).remote(factory)
+        # wait for the actor's process, so step timeouts measure the environment, not Ray's start-up
+        ray.get(self._actor.ready.remote(), timeout=300)
+
+    def submit(self, method: str, *args: Any) -> Future:
+        fut: Future = Future()
+        inner = self._actor.call.remote(method, args).future()
+
+        def done(f: Future) -> None:
+            exc = f.exception()
+            if exc is not None:
+                fut.set_exception(EnvFailure(f"environment actor failed: {exc}"))
+            else:
+                fut.set_result(f.result())
+
+        inner.add_done_callback(done)
+        return fut
+
+    def close(self) -> None:
+        """Kill the actor (a hung environment is not waited for)."""
+        try:
+            self._ray.kill(self._actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - an actor that already died
+            pass
+
+
 class WorkerPool:
     """A fixed number of environment workers handed out to episodes."""
 
-    def __init__(self, factory: Callable[[], TextEnv], size: int, kind: str = "thread"):
+    def __init__(self, factory: Callable[[], TextEnv], size: int, kind: str = "thread",
+                 ray_address: str | None = None, ray_cpus_per_env: float = 0.25):
         if size < 1:
             raise ValueError("the environment pool needs at least one worker")
         if kind not in WORKER_KINDS:
             raise ValueError(f"environment workers must be one of {WORKER_KINDS}, got {kind!r}")
         self._factory = factory
         self._kind = kind
+        self._ray = dict(address=ray_address, num_cpus=ray_cpus_per_env)
         self._counter = 0
         self.free: list[EnvWorker | ProcessEnvWorker] = [self._new() for _ in range(size)]
         self.replaced = 0
 
-    def _new(self) -> EnvWorker | ProcessEnvWorker:
+    def _new(self) -> EnvWorker | ProcessEnvWorker | RayEnvWorker:
         self._counter += 1
+        name = f"env-{self._kind}-{self._counter}"
+        if self._kind == "ray":
+            return RayEnvWorker(self._factory, name, **self._ray)
         cls = EnvWorker if self._kind == "thread" else ProcessEnvWorker
-        return cls(self._factory, name=f"env-{self._kind}-{self._counter}")
+        return cls(self._factory, name=name)
 
     def acquire(self) -> EnvWorker | ProcessEnvWorker | None:
         return self.free.pop() if self.free else None

@@ -10,8 +10,10 @@ state, so a run resumed from a checkpoint replays the same iterations as an unin
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -21,15 +23,17 @@ import numpy as np
 import torch
 import yaml
 
-from steppo.config import Config
+from steppo.config import Config, ConfigError
 from steppo.core.batch import StepBatch, input_tokens
 from steppo.core.records import Trajectory
 from steppo.envs.base import Task, TextEnv
 from steppo.envs.registry import env_factory
 from steppo.models.build import Models, build_models, load_reference, resolve_base_model
+from steppo.models.policy import resolve_device
 from steppo.rollout.engine import RolloutEngine, RolloutResult
 from steppo.rollout.local import LocalBackend
 from steppo.trainer import checkpoint as ckpt
+from steppo.trainer import distributed as dist_lib
 from steppo.trainer.sft import behaviour_cloning, expert_trajectories
 from steppo.trainer.tracking import RunLog
 from steppo.trainer.update import (
@@ -75,9 +79,16 @@ class Trainer:
 
     def __init__(self, config: Config, resume: bool = False, log: Callable[[str], None] = print):
         self.cfg = config.validate()
-        self.say = log
         self.out = Path(self.cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        strategy = dist_lib.resolve_strategy(self.cfg.trainer.parallel, launched)
+        rank, world = (0, 1)
+        if strategy != "none" and launched > 1:
+            rank, world = dist_lib.init_process_group(resolve_device(self.cfg.model.device))
+        if world == 1:
+            strategy = "none"
+        self.say = log if rank == 0 else (lambda *_: None)
         seed_everything(self.cfg.run.seed)
         self.make_env = env_factory(self.cfg.env)
         self.env = self.make_env()  # for tasks, prompts and expert actions (not stepped by rollouts)
@@ -89,11 +100,19 @@ class Trainer:
             raise ValueError("training and evaluation splits share tasks")
         algo = self.cfg.algo
         m = self.cfg.model
-        base = resolve_base_model(
-            m.name, self.out, lambda: env_corpus(self.make_env(), self.train_tasks), m.tiny_size, m.tiny_vocab,
-            self.cfg.run.seed, self.cfg.run.cache_dir,
-        )
         resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        if world > 1 and self.cfg.sft_enabled and resume_from is None:
+            raise ConfigError("the SFT warm start runs in one process: run `steppo sft ...` first, then train "
+                              "on several processes with model.name=<run>/checkpoints/iter_000000/policy sft.enabled=false")
+        base = None
+        for turn in range(world):  # rank 0 builds the tiny model/tokenizer (if needed) first, the others load it
+            if turn == rank:
+                base = resolve_base_model(
+                    m.name, self.out, lambda: env_corpus(self.make_env(), self.train_tasks), m.tiny_size,
+                    m.tiny_vocab, self.cfg.run.seed, self.cfg.run.cache_dir,
+                )
+            if world > 1 and turn == 0:
+                dist_lib.Distributed(rank, world).barrier()
         self.sft_dir = self.out / "sft_model"  # the warm-started policy: KL reference of the run
         if resume and resume_from is None:
             self.say(f"no checkpoint under {self.out / 'checkpoints'}; starting fresh")
@@ -104,6 +123,12 @@ class Trainer:
             reference_path=self.sft_dir if (self.sft_dir / "config.json").exists() else None,
         )
         self.pad_id = self.models.tokenizer.pad_token_id
+        if resume_from is not None and self.models.critic is not None:
+            ckpt.load_critic(self.models.critic, resume_from)
+        # FSDP: generation and checkpoints use full copies made before sharding
+        self.rollout_copy = dist_lib.RolloutCopy(self.models.policy.model) if strategy == "fsdp" else None
+        self.critic_copy = copy.deepcopy(self.models.critic) if strategy == "fsdp" and self.models.critic else None
+        self.dist = dist_lib.wrap(self.models.policy, self.models.critic, strategy, rank, world)
         policy_params = [p for p in self.models.policy.parameters() if p.requires_grad]
         warmup = self.cfg.trainer.lr_warmup_steps
         self.policy_opt = Optimiser(policy_params, self.cfg.trainer.policy_lr, warmup)
@@ -112,10 +137,11 @@ class Trainer:
         if critic is not None:
             own = [p for n, p in critic.named_parameters() if p.requires_grad]
             self.critic_opt = Optimiser(own, self.cfg.trainer.critic_lr, warmup)
+        generator_model = self.rollout_copy.model if self.rollout_copy else self.models.policy.model
         self.engine = RolloutEngine(
             self.make_env,
             self.models.chat,
-            LocalBackend(self.models.policy.model, {self.models.chat.end_of_turn_id},
+            LocalBackend(generator_model, {self.models.chat.end_of_turn_id},
                          self.cfg.rollout.temperature, self.pad_id,
                          kv_cache=self.cfg.rollout.kv_cache and self.cfg.rollout.context == "cumulative"),
             self.cfg.rollout,
@@ -128,41 +154,63 @@ class Trainer:
         self.sft_done = False
         if resume_from is not None:
             self._restore(resume_from)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        self.runlog = RunLog(
-            self.out, self.cfg.run.trackers, self.cfg.to_dict(), self.cfg.run.wandb_project,
-            self.cfg.run.mlflow_uri, resume_after=self.iteration if resume_from else None,
-        )
+        if self.dist.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            self.runlog = RunLog(
+                self.out, self.cfg.run.trackers, self.cfg.to_dict(), self.cfg.run.wandb_project,
+                self.cfg.run.mlflow_uri, resume_after=self.iteration if resume_from else None,
+            )
+        else:
+            self.runlog = _NoLog()
         if resume_from is not None:
             self.say(f"resumed from {resume_from} (next iteration {self.iteration + 1})")
 
     # ------------------------------------------------------------------ checkpoints
 
     def _restore(self, path: Path) -> None:
+        """Trainer state of a checkpoint (weights were loaded before wrapping the models)."""
         state = ckpt.load_trainer_state(path)
         self.iteration = state["iteration"]
         self.policy_version = state["policy_version"]
         self.env_steps = state["env_steps"]
         self.sft_done = state.get("sft_done", True)
-        self.policy_opt.load_state_dict(state["policy_opt"])
+        self._load_opt(self.policy_opt, self.models.policy, state["policy_opt"])
         if self.models.critic is not None:
-            ckpt.load_critic(self.models.critic, path)
-            self.critic_opt.load_state_dict(state["critic_opt"])
+            self._load_opt(self.critic_opt, self.models.critic, state["critic_opt"])
         ckpt.set_rng_state(state["rng"])
 
-    def save(self) -> Path:
+    def _opt_state(self, opt: Optimiser, module: torch.nn.Module) -> dict:
+        """Single-process layout whatever the world size, so runs resume on any number of ranks."""
+        return {"opt": dist_lib.full_optimizer_state(self.dist, module, opt.opt), "sched": opt.sched.state_dict()}
+
+    def _load_opt(self, opt: Optimiser, module: torch.nn.Module, state: dict) -> None:
+        dist_lib.load_optimizer_state(self.dist, module, opt.opt, state["opt"])
+        opt.sched.load_state_dict(state["sched"])
+
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank takes part in gathering sharded state)."""
         state = {
             "iteration": self.iteration,
             "policy_version": self.policy_version,
             "env_steps": self.env_steps,
             "sft_done": self.sft_done,
-            "policy_opt": self.policy_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict() if self.critic_opt else None,
+            "policy_opt": self._opt_state(self.policy_opt, self.models.policy),
+            "critic_opt": self._opt_state(self.critic_opt, self.models.critic) if self.critic_opt else None,
         }
-        return ckpt.save_checkpoint(
-            self.out / "checkpoints", self.iteration, self.models.policy.model, self.models.tokenizer,
-            self.models.critic, state, self.cfg.trainer.keep_checkpoints,
-        )
+        policy_model, critic = self.models.policy.model, self.models.critic
+        if self.dist.strategy == "fsdp":
+            policy_model = self.rollout_copy.model  # refreshed after every update
+            if self.critic_copy is not None:
+                self.critic_copy.load_state_dict(dist_lib.full_state_dict(self.models.critic))
+                critic = self.critic_copy
+        path = None
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(
+                self.out / "checkpoints", self.iteration, policy_model, self.models.tokenizer,
+                critic, state, self.cfg.trainer.keep_checkpoints,
+            )
+        self.dist.barrier()
+        return path
 
     # ------------------------------------------------------------------ pieces
 
@@ -176,12 +224,21 @@ class Trainer:
         groups = [f"{t.id}@{iteration}" for t in tasks]
         return tasks, groups
 
+    def rollout(self, tasks: list[Task], groups: list[str], iteration: Any, greedy: bool = False) -> RolloutResult:
+        """Play `tasks`; data-parallel ranks each play an interleaved share and every rank gets
+        the merged result (trajectories in the same order on every rank)."""
+        d = self.dist
+        if not d.active:
+            return self.engine.run(tasks, groups, self.cfg.run.seed, iteration=iteration, greedy=greedy,
+                                   policy_version=self.policy_version)
+        mine = list(range(d.rank, len(tasks), d.world))
+        part = self.engine.run([tasks[i] for i in mine], [groups[i] for i in mine], self.cfg.run.seed,
+                               iteration=iteration, greedy=greedy, policy_version=self.policy_version, indices=mine)
+        return RolloutResult.merge(d.gather_objects(part.portable()))
+
     def evaluate(self, tag: Any, greedy: bool = True) -> dict[str, float]:
-        result = self.engine.run(
-            self.eval_tasks, [t.id for t in self.eval_tasks], self.cfg.run.seed,
-            iteration=f"eval-{tag}-{'greedy' if greedy else 'sampled'}", greedy=greedy,
-            policy_version=self.policy_version,
-        )
+        result = self.rollout(self.eval_tasks, [t.id for t in self.eval_tasks],
+                              f"eval-{tag}-{'greedy' if greedy else 'sampled'}", greedy=greedy)
         prefix = "eval/" if greedy else "eval_sampled/"
         metrics = result.metrics(prefix)
         metrics[f"{prefix}score"] = float(np.mean([t.total_reward for t in result.trajectories])) if result.trajectories else 0.0
@@ -216,8 +273,7 @@ class Trainer:
         cfg, algo = self.cfg, self.cfg.algo
         t0 = time.perf_counter()
         tasks, groups = self.sample_tasks(it)
-        result: RolloutResult = self.engine.run(tasks, groups, cfg.run.seed, iteration=it,
-                                                policy_version=self.policy_version)
+        result: RolloutResult = self.rollout(tasks, groups, it)
         trajs = result.trajectories
         t1 = time.perf_counter()
         metrics: dict[str, Any] = {"iteration": it}
@@ -231,7 +287,7 @@ class Trainer:
             batch = StepBatch.from_trajectories(trajs)
             layout = cfg.layout
             scored = score_batch(self.models, algo, trajs, batch, layout, cfg.trainer.micro_batch_tokens, self.pad_id,
-                                 cfg.trainer.row_tokens)
+                                 cfg.trainer.row_tokens, dist=self.dist)
             metrics["rollout/logprob_parity_max_abs"] = float((scored.logprobs - batch.old_logprobs).abs().max())
             credit = compute_credit(algo, batch, scored)
             settings = UpdateSettings(
@@ -242,7 +298,7 @@ class Trainer:
             )
             rng = random.Random(derived_seed(cfg.run.seed, "minibatch", it))
             metrics.update(ppo_update(self.models, algo, settings, trajs, batch, scored, credit,
-                                      self.policy_opt, self.critic_opt, rng, self.pad_id))
+                                      self.policy_opt, self.critic_opt, rng, self.pad_id, dist=self.dist))
             metrics.update(critic_metrics(credit, scored, algo))
             metrics["credit/advantage_mean"] = float(credit.step_advantages.mean())
             metrics["credit/advantage_std"] = float(credit.step_advantages.std()) if steps > 1 else 0.0
@@ -251,6 +307,8 @@ class Trainer:
                 metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[sel].mean())
             if settings.train_policy:
                 self.policy_version += 1
+            if self.rollout_copy is not None:
+                self.rollout_copy.refresh(self.models.policy)
             self.engine.backend.invalidate()
             self._log_samples(it, trajs[: cfg.trainer.sample_trajectories], scored, credit)
             tokens = sum(len(t.steps[-1].context_ids) for t in trajs)
@@ -344,3 +402,18 @@ class Trainer:
     def close(self) -> None:
         self.engine.close()
         self.runlog.close()
+        if self.dist.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class _NoLog:
+    """The run log of ranks other than 0 (which writes the run directory)."""
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def samples(self, records: list) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -31,6 +31,7 @@ from steppo.core.losses import (
 from steppo.core.records import Trajectory
 from steppo.models.build import Models
 from steppo.models.policy import autocast
+from steppo.trainer.distributed import Distributed, assign
 
 
 @dataclass
@@ -100,33 +101,55 @@ class Scored:
 
 @torch.no_grad()
 def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajectory], batch: StepBatch,
-                layout_kind: str, budget: int, pad_id: int, row_tokens: int | None = None) -> Scored:
+                layout_kind: str, budget: int, pad_id: int, row_tokens: int | None = None,
+                dist: Distributed | None = None) -> Scored:
+    """Scores of the whole batch; under `dist` each rank scores its share (balanced by tokens)
+    and the results are summed over ranks, so every rank returns the global scores."""
     device = models.device
     logprobs = torch.zeros(batch.num_tokens)
     step_values = torch.zeros(batch.num_steps) if algo.critic else None
     token_values = torch.zeros(batch.num_tokens) if algo.critic_level == "token" else None
     bootstrap = torch.zeros(batch.num_trajectories) if algo.critic else None
     ref = torch.zeros(batch.num_tokens) if algo.uses_reference else None
-    policy = models.policy
+    # FSDP forwards are collectives: they run through the sharded modules, as many on every
+    # rank; otherwise the plain modules score (no DDP hooks needed without gradients).
+    sharded = dist is not None and dist.strategy == "fsdp"
+    policy = dist.policy if sharded else models.policy
+    critic = dist.critic if sharded else models.critic
+    units = blocks(trajs, layout_kind)
+    mine = assign(trajs, units, dist.world, layout_kind)[dist.rank] if dist else units
+    groups: list[list[int] | None] = list(chunk_by_tokens(trajs, mine, budget, layout_kind))
+    if dist is not None:
+        groups += [None] * (dist.max_int(len(groups)) - len(groups))
     was = policy.training
     policy.eval()
-    for group in chunk_by_tokens(trajs, blocks(trajs, layout_kind), budget, layout_kind):
+    for group in groups:
+        real = group is not None
+        group = group if real else units[0]  # a rank with less work runs a discarded forward
         step_idx, tok_idx = flat_ranges(batch, group)
         layout = build_layout([trajs[i] for i in group], layout_kind, pad_id, row_tokens).to(device)
         with autocast(device, models.dtype):
             lp, _, hidden = policy(layout)
-            logprobs[tok_idx] = lp.float().cpu()
+            values = None
             if algo.critic:
-                values = models.critic.values(hidden) if models.critic.shared else models.critic(layout)
-                step_values[step_idx] = layout.gather_values(values).float().cpu()
-                bootstrap[torch.tensor(group)] = layout.gather_bootstrap(values).float().cpu()
-                if token_values is not None:
-                    token_values[tok_idx] = layout.gather_actions(values).float().cpu()
+                values = critic.values(hidden) if critic.shared else critic(layout)
+            ref_lp = None
             if ref is not None:
                 with models.policy_reference():
                     ref_lp, _, _ = models.reference_policy(layout)
-                ref[tok_idx] = ref_lp.float().cpu()
+        if not real:
+            continue
+        logprobs[tok_idx] = lp.float().cpu()
+        if values is not None:
+            step_values[step_idx] = layout.gather_values(values).float().cpu()
+            bootstrap[torch.tensor(group)] = layout.gather_bootstrap(values).float().cpu()
+            if token_values is not None:
+                token_values[tok_idx] = layout.gather_actions(values).float().cpu()
+        if ref_lp is not None:
+            ref[tok_idx] = ref_lp.float().cpu()
     policy.train(was)
+    if dist is not None:
+        dist.all_reduce_sum(logprobs, step_values, token_values, bootstrap, ref)
     return Scored(logprobs, step_values, token_values, bootstrap, ref)
 
 
@@ -149,32 +172,45 @@ def compute_credit(algo: AlgorithmConfig, batch: StepBatch, scored: Scored) -> C
 def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, trajs: Sequence[Trajectory],
                batch: StepBatch, scored: Scored, credit: Credit, policy_opt: "Optimiser",
                critic_opt: "Optimiser | None",
-               rng: random.Random, pad_id: int) -> dict[str, float]:
-    """Epochs of clipped updates; returns mean statistics over optimiser steps."""
+               rng: random.Random, pad_id: int, dist: Distributed | None = None) -> dict[str, float]:
+    """Epochs of clipped updates; returns mean statistics over optimiser steps.
+
+    Under `dist` (see `steppo.trainer.distributed`) every rank runs the same global mini-batch
+    schedule on its token-balanced share of each mini-batch, with the mini-batch's weights, so
+    the ranks' losses sum to the single-process loss.
+    """
     device = models.device
-    policy, critic = models.policy, models.critic
+    dist = dist or Distributed(policy=models.policy, critic=models.critic)
+    policy, critic = dist.policy, dist.critic
+    shared_critic = models.critic is not None and models.critic.shared
     old_lp = scored.logprobs if settings.old_logprobs == "recompute" else batch.old_logprobs
     token_critic = algo.critic_level == "token"
     old_values = scored.token_values if token_critic else scored.step_values
     sums: dict[str, float] = {}
     n_updates = 0
     policy.train()
+    tok_pos = torch.full((batch.num_tokens,), -1, dtype=torch.long)
     for _ in range(settings.epochs):
         order = blocks(trajs, settings.layout)
         rng.shuffle(order)
         for mb_units in _minibatches(trajs, order, settings.minibatch_steps):
             mb = [i for unit in mb_units for i in unit]
             mb_steps, mb_toks = flat_ranges(batch, mb)
+            tok_pos[mb_toks] = torch.arange(len(mb_toks))  # global token index -> mini-batch position
             sub = StepBatch.from_trajectories([trajs[i] for i in mb])
             weights = aggregation_weights(algo.aggregation, sub.token_step, sub.step_traj)
             units, n_units = ratio_units(algo.ratio_level, sub.token_step, sub.token_traj)
             n_vals = len(mb_toks) if token_critic else len(mb_steps)
             stats: dict[str, float] = {}
-            t_off = 0
-            for micro in chunk_by_tokens(trajs, mb_units, settings.micro_batch_tokens, settings.layout):
+            mine = assign(trajs, mb_units, dist.world, settings.layout)[dist.rank]
+            micros: list[list[int] | None] = list(chunk_by_tokens(trajs, mine, settings.micro_batch_tokens, settings.layout))
+            micros += [None] * (dist.max_int(len(micros)) - len(micros))
+            for micro in micros:
+                real = micro is not None
+                micro = micro if real else mb_units[0]  # zero-weight: keeps collectives in step
+                scale = dist.loss_scale if real else 0.0
                 m_steps, m_toks = flat_ranges(batch, micro)
-                ts = slice(t_off, t_off + len(m_toks))
-                t_off += len(m_toks)
+                ts = tok_pos[m_toks]
                 layout = build_layout([trajs[i] for i in micro], settings.layout, pad_id, settings.row_tokens).to(device)
                 w = weights[ts].to(device)
                 loss = torch.zeros((), device=device)
@@ -188,18 +224,18 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
                         algo.log_ratio_clamp,
                     )
                     policy_terms = pg - algo.entropy_coef * (w * ent).sum()
-                    _acc(stats, "policy/loss", pg)
+                    _acc(stats, "policy/loss", pg, real)
                     for k, v in pstats.items():
-                        _acc(stats, f"policy/{k}", v)
+                        _acc(stats, f"policy/{k}", v, real)
                     if algo.uses_reference:
                         kl = kl_loss(lp, scored.ref_logprobs[m_toks].to(device), w, algo.kl_estimator)
                         policy_terms = policy_terms + algo.kl_coef * kl
-                        _acc(stats, "policy/kl_ref", kl)
-                    _acc(stats, "policy/entropy", (w * ent).sum())
+                        _acc(stats, "policy/kl_ref", kl, real)
+                    _acc(stats, "policy/entropy", (w * ent).sum(), real)
                     if settings.train_policy:
                         loss = loss + policy_terms
                     if critic is not None:
-                        values = critic.values(hidden) if critic.shared else critic(layout)
+                        values = models.critic.values(hidden) if shared_critic else critic(layout)
                         if token_critic:
                             v, idx = layout.gather_actions(values), m_toks
                         else:
@@ -207,10 +243,12 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
                         vw = torch.full((len(idx),), 1.0 / max(n_vals, 1), device=device)
                         vl, vstats = value_loss(v, old_values[idx].to(device), credit.returns[idx].to(device), vw, algo.value_clip)
                         loss = loss + algo.value_coef * vl
-                        _acc(stats, "critic/loss", vl)
-                        _acc(stats, "critic/clip_frac", vstats["clip_frac"])
+                        _acc(stats, "critic/loss", vl, real)
+                        _acc(stats, "critic/clip_frac", vstats["clip_frac"], real)
                 if loss.requires_grad:
-                    loss.backward()
+                    (loss * scale).backward()
+            if dist.active:
+                stats = _sum_over_ranks(dist, stats)
             if settings.train_policy:
                 stats["policy/grad_norm"] = policy_opt.step(settings.max_grad_norm)
             else:
@@ -223,8 +261,16 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
     return {k: v / max(n_updates, 1) for k, v in sums.items()}
 
 
-def _acc(stats: dict[str, float], key: str, value: torch.Tensor) -> None:
-    stats[key] = stats.get(key, 0.0) + float(value.detach())
+def _sum_over_ranks(dist: Distributed, stats: dict[str, float]) -> dict[str, float]:
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce_sum(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def _acc(stats: dict[str, float], key: str, value: torch.Tensor, real: bool = True) -> None:
+    """Sum a statistic over micro-batches (zero-weight padding ones add 0 but create the key)."""
+    stats[key] = stats.get(key, 0.0) + (float(value.detach()) if real else 0.0)
 
 
 class Optimiser:
@@ -241,6 +287,8 @@ class Optimiser:
         """Clip, step, zero; returns the gradient norm before clipping."""
         params = [p for p in self.params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")) if params else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
+            norm = norm.full_tensor()
         self.opt.step()
         self.sched.step()
         self.zero_grad()

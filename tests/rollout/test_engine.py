@@ -1,5 +1,6 @@
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +241,32 @@ def test_kv_cached_rollout_matches_re_prefilling(tiny_models, greedy):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     assert plain_prefill == sum(len(s.prompt_ids) for t in plain.trajectories for s in t.steps)
     assert cached_prefill < plain_prefill / 2
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_same_episodes_and_kill_a_hung_environment(tiny_models):
+    """Slow (Ray starts a worker process per actor): `python -m pytest -m slow -k ray`."""
+    pytest.importorskip("ray")
+    import functools
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    try:
+        outs = []
+        for kind in ("thread", "ray"):
+            engine = make_engine(tiny_models, env_workers=kind, num_envs=2)
+            outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=3).trajectories])
+            engine.close()
+        assert outs[0] == outs[1]
+        factory = functools.partial(HangingEnv, EnvSettings(max_steps=4))
+        engine = make_engine(tiny_models, factory=factory, env_workers="ray", step_timeout_s=3.0,
+                             schedule="continuous", num_envs=2)
+        result = run(engine, n=4)
+        engine.close()
+        reasons = [e.end_reason for e in result.episodes]
+        assert "env_timeout" in reasons and any(r != "env_timeout" for r in reasons)
+        assert engine.pool.replaced >= 1
+    finally:
+        ray.shutdown()

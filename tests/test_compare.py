@@ -1,0 +1,77 @@
+"""The comparison harness on a 1-iteration micro-protocol: equal budgets, results, table, plots."""
+
+import json
+
+import yaml
+
+from steppo.compare import load_protocol, run_config, run_protocol, table
+
+BASE = {
+    "env": {"name": "compass"},
+    "model": {"name": "tiny", "tiny_size": "small", "device": "cpu"},
+    "sft": {"enabled": True, "demos": 16, "epochs": 1},
+    "critic": {"warmup_iterations": 0},
+    "rollout": {"max_new_tokens": 6, "num_envs": 4, "schedule": "rounds"},
+    "trainer": {"trajectories_per_iteration": 8, "iterations": 50, "max_env_steps": 20,
+                "eval_interval": 1, "eval_episodes": 4, "eval_sampled": False, "micro_batch_tokens": 2048},
+    "run": {"trackers": []},
+}
+
+
+def _protocol(tmp_path, **extra):
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump({"name": "micro", "presets": ["steppo", "grpo"], "seeds": [0],
+                                    "base": BASE, **extra}))
+    return path
+
+
+def test_run_config_sets_preset_seed_and_start(tmp_path):
+    proto = load_protocol(_protocol(tmp_path, preset_overrides={"grpo": {"algo": {"group_size": 4}}}))
+    tree = run_config(proto, "grpo", 3, tmp_path / "r", "/some/policy")
+    assert tree["algo"] == {"name": "grpo", "group_size": 4}
+    assert tree["run"]["seed"] == 3 and tree["model"]["name"] == "/some/policy"
+    assert tree["sft"]["enabled"] is False
+    # every run shares the per-update trajectory count and the env-step budget
+    assert tree["trainer"]["trajectories_per_iteration"] == 8 and tree["trainer"]["max_env_steps"] == 20
+
+
+def test_micro_protocol_writes_results_table_and_plots(tmp_path):
+    out, runs = tmp_path / "results", tmp_path / "runs"
+    results = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=2)
+
+    # one warm start per seed, shared by every preset of that seed
+    assert (runs / "sft" / "seed0" / "checkpoints" / "iter_000000" / "policy" / "config.json").exists()
+    for preset in ("steppo", "grpo"):
+        cfg = yaml.safe_load((runs / preset / "seed0" / "protocol.yaml").read_text())
+        assert cfg["model"]["name"].endswith("sft/seed0/checkpoints/iter_000000/policy")
+        records = [json.loads(line) for line in (runs / preset / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in records if "rollout/episodes" in r]
+        # equal budget: 8 trajectories per update for both (grpo: 8 / group_size tasks x group_size),
+        # and each run stops at the first update that reaches the 20-env-step budget
+        assert train and all(r["rollout/episodes"] == 8 for r in train)
+        assert train[-1]["env_steps"] >= 20 and all(r["env_steps"] < 20 for r in train[:-1])
+        run = results["runs"][preset]["0"]
+        assert run["final_success"] is not None and len(run["curve"]) == len(train) + 1
+        assert run["curve"][0]["env_steps"] == 0
+
+    assert results["runs"]["steppo"]["0"]["critic_loss"] and not results["runs"]["grpo"]["0"]["critic_loss"]
+    assert results["runs"]["steppo"]["0"]["advantage_by_step"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["presets"] == ["steppo", "grpo"] and saved["zero_shot"]["0"]["success"] is not None
+    text = (out / "table.md").read_text()
+    assert "| steppo |" in text and "| grpo |" in text and "starting policy" in text and "**" in text
+    for png in ("success.png", "critic_loss.png", "advantage_by_step.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # resume: finished runs are not rerun
+    mtime = (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime
+    run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1)
+    assert (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime == mtime
+
+
+def test_table_marks_best_mean_and_reports_std():
+    run = lambda s: {"final_success": s, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0}
+    results = {"presets": ["a", "b"], "seeds": [0, 1], "zero_shot": None,
+               "runs": {"a": {"0": run(0.5), "1": run(0.7)}, "b": {"0": run(0.2), "1": run(0.2)}}}
+    text = table(results)
+    assert "| a | **0.600 ± 0.141** |" in text and "| b | 0.200 ± 0.000 |" in text
