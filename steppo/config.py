@@ -81,6 +81,7 @@ class EnvConfig:
         invalid_action_penalty, format_penalty: rewards added for bad actions.
         show_admissible: list valid commands in observations (None = environment default).
         react: ask for a short thought before each action (ReAct prompting, e.g. zero-shot).
+        step_delay_s: extra latency per environment step (models slow environments in benchmarks).
         params: environment-specific settings (see each environment's docstring).
         train_split: the split training samples tasks from.
         eval_split: the held-out split validation reports.
@@ -92,6 +93,7 @@ class EnvConfig:
     format_penalty: float = 0.0
     show_admissible: bool | None = None
     react: bool = False
+    step_delay_s: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     eval_split: str = "dev"
@@ -129,6 +131,12 @@ class TrainerConfig:
         sample_trajectories: trajectories written to samples.jsonl per iteration.
         parallel: auto | none | ddp | fsdp: how several processes (``torchrun``) train;
             auto = DDP when launched on several processes (see `steppo.trainer.distributed`).
+        async_rollout: generate the next iterations' episodes while updating on this one's
+            (see `steppo.trainer.asynchronous`).
+        staleness: async only: most policy versions a batch's behaviour policy may lag the
+            policy being updated (rollouts in flight ahead of the update).
+        is_truncation: async only: cap c of the truncated step-level importance weight
+            min(pi_prox / pi_behaviour, c) that corrects stale batches.
     """
 
     iterations: int = 60
@@ -151,6 +159,9 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     sample_trajectories: int = 2
     parallel: str = "auto"
+    async_rollout: bool = False
+    staleness: int = 1
+    is_truncation: float = 2.0
 
 
 @dataclass
@@ -245,6 +256,10 @@ class Config:
         need(r.num_envs >= 1 and r.max_batch >= 1, "rollout.num_envs and rollout.max_batch must be >= 1")
         need(r.step_timeout_s > 0, "rollout.step_timeout_s must be > 0")
         need(r.env_workers in WORKER_KINDS, f"rollout.env_workers must be one of {WORKER_KINDS}")
+        need(r.backend in ("local", "vllm"), "rollout.backend must be local or vllm")
+        need(self.env.step_delay_s >= 0, "env.step_delay_s must be >= 0")
+        need(t.staleness >= 1, "trainer.staleness must be >= 1 (rollouts ahead of the update)")
+        need(t.is_truncation >= 1.0, "trainer.is_truncation must be >= 1")
         need(self.model.lora_rank >= 0, "model.lora_rank must be >= 0")
         need(self.critic.warmup_iterations >= 0, "critic.warmup_iterations must be >= 0")
         need(

@@ -44,3 +44,19 @@ def test_bad_configs_are_clear_errors(overrides, message):
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["train", "trainer.iteratons=3"]) == 2
     assert "did you mean trainer.iterations" in capsys.readouterr().err
+
+
+def test_every_shipped_config_and_protocol_loads(tmp_path):
+    from pathlib import Path
+
+    from steppo.compare import _write_config, load_protocol, run_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    configs = [p for p in root.rglob("*.yaml") if "compare" not in p.parts]
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)
+    for path in (root / "compare").glob("*.yaml"):
+        proto = load_protocol(path)
+        for name in proto["presets"]:
+            _write_config(run_config(proto, name, 0, tmp_path, None), tmp_path / f"{name}.yaml")  # validates

@@ -123,6 +123,31 @@ def policy_loss(
     return loss, stats
 
 
+def staleness_weights(
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    units: torch.Tensor,
+    num_units: int,
+    cap: float,
+) -> torch.Tensor:
+    """(N,) truncated importance weights that correct a stale batch (asynchronous training).
+
+    Decoupled PPO: the clipped ratio is taken against the *proximal* policy (the weights at the
+    start of the update, whose log-probs the trainer recomputes), and the advantage is weighted
+    by how much more likely the proximal policy makes the action than the *behaviour* policy
+    that sampled it. At the step level the weight of a unit (a step, for StepPO) is the
+    length-normalised geometric mean of its token ratios, truncated at `cap`:
+    ``w_u = min(exp(mean_{i in u}(log pi_prox_i - log pi_behav_i)), cap)``, broadcast to the
+    unit's tokens. Weights multiply the advantages (positive, so ``min(r A, clip(r) A) w`` is
+    the clipped objective on ``A w``). With no staleness both policies agree and ``w = 1``.
+
+    Args: proximal_logprobs, behaviour_logprobs, units: (N,) per action token; units from
+    `ratio_units`.
+    """
+    log_w = segment_mean((proximal_logprobs - behaviour_logprobs).float(), units, num_units)
+    return torch.exp(log_w).clamp(max=cap)[units]
+
+
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi.  (N,) -> (N,).
 

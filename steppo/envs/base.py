@@ -16,6 +16,7 @@ state key, for GiGPO; never the rendered prompt), ``admissible`` (list of valid 
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -61,6 +62,8 @@ class EnvSettings:
             rollout.max_new_tokens is not set).
         react: ask for ReAct-style responses (a short thought, then the action); the action
             parsers read the action after the thought.
+        step_delay_s: extra latency of every step (sleep), to model slow environments (a
+            browser, a remote search API) in benchmarks.
     """
 
     max_steps: int | None = 10
@@ -69,6 +72,7 @@ class EnvSettings:
     show_admissible: bool = True
     max_new_tokens: int = 64
     react: bool = False
+    step_delay_s: float = 0.0
 
 
 class TextEnv(abc.ABC):
@@ -136,6 +140,8 @@ class TextEnv(abc.ABC):
         if self.task is None:
             raise EnvError(f"{self.name}: step() before reset()")
         self.steps_taken += 1
+        if self.settings.step_delay_s > 0:
+            time.sleep(self.settings.step_delay_s)
         action = self.parse(response)
         if isinstance(action, MalformedAction):
             return Transition(

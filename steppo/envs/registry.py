@@ -52,6 +52,7 @@ def env_factory(cfg) -> EnvFactory:
         "invalid_action_penalty": cfg.invalid_action_penalty,
         "format_penalty": cfg.format_penalty,
         "react": cfg.react,
+        "step_delay_s": cfg.step_delay_s,
     }
     if cfg.max_steps is not None:
         updates["max_steps"] = cfg.max_steps

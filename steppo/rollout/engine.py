@@ -47,6 +47,7 @@ from steppo.models.generation import Sample
 from steppo.rollout.workers import EnvWorker, WorkerPool
 
 CONTEXTS = ("cumulative", "window", "env")
+WORKER_STARTUP_S = 300.0  # longest a replacement worker may take to start before its call times out
 SCHEDULES = ("continuous", "rounds")
 
 
@@ -85,6 +86,10 @@ class RolloutSettings:
         ray_address: Ray cluster for ``ray`` workers (None: start a local one; ``auto``: join
             the running cluster).
         ray_cpus_per_env: CPUs each environment actor reserves.
+        backend: local (the training model generates, transformers, per-episode KV caches) |
+            vllm (a vLLM engine fed the policy's weights after every update; see
+            `steppo.rollout.vllm_backend`).
+        vllm_gpu_memory_utilization: GPU memory fraction the vLLM engine may take.
         step_timeout_s: longest env.reset / env.step before the episode is failed.
         schedule: continuous | rounds (see module doc).
         kv_cache: keep each episode's keys/values between steps (cumulative context only), so a
@@ -107,6 +112,8 @@ class RolloutSettings:
     env_workers: str = "thread"
     ray_address: str | None = None
     ray_cpus_per_env: float = 0.25
+    backend: str = "local"
+    vllm_gpu_memory_utilization: float = 0.4
     step_timeout_s: float = 60.0
     schedule: str = "continuous"
     kv_cache: bool = True
@@ -329,6 +336,10 @@ class RolloutEngine:
                     self._on_step(ep, *fut.result(), ready=ready)
                 else:
                     self._on_step(ep, fut.result(), None, ready=ready)
+            elif now >= deadline and not fut.running() and now < start + WORKER_STARTUP_S:
+                # the call has not started: its worker (a fresh process or actor) is still
+                # starting up, which does not count against the environment's step timeout
+                inflight[fut] = (ep, method, start, now + self.settings.step_timeout_s)
             elif now >= deadline:
                 del inflight[fut]
                 self._fail(ep, "env_timeout", f"env.{method} exceeded {self.settings.step_timeout_s}s", replace=True)

@@ -77,6 +77,7 @@ class EnvFailure(RuntimeError):
 
 def _child(factory: Callable[[], TextEnv], conn) -> None:
     env = None
+    conn.send(("ready", None))  # imports are done: calls from now on are the environment's time
     while True:
         try:
             msg = conn.recv()
@@ -111,6 +112,7 @@ class ProcessEnvWorker:
         self._proc = self._ctx.Process(target=_child, args=(factory, child_conn), name=name, daemon=True)
         self._proc.start()
         child_conn.close()
+        self._failed: EnvFailure | None = None
         self._calls: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._forward, name=f"{name}-io", daemon=True)
         self._thread.start()
@@ -121,12 +123,19 @@ class ProcessEnvWorker:
         return fut
 
     def _forward(self) -> None:
+        try:  # calls stay pending (not running) until the child has started
+            self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._failed = EnvFailure(f"environment process did not start: {exc!r}")
         while True:
             item = self._calls.get()
             if item is None:
                 break
             fut, method, args = item
             if not fut.set_running_or_notify_cancel():
+                continue
+            if self._failed is not None:
+                fut.set_exception(self._failed)
                 continue
             try:
                 self._conn.send((method, args))
@@ -206,6 +215,7 @@ class RayEnvWorker:
 
     def submit(self, method: str, *args: Any) -> Future:
         fut: Future = Future()
+        fut.set_running_or_notify_cancel()  # the actor is up (see __init__): the call runs now
         inner = self._actor.call.remote(method, args).future()
 
         def done(f: Future) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Sequence
 
@@ -60,7 +60,6 @@ class Distributed:
     strategy: str = "none"
     policy: nn.Module | None = None
     critic: nn.Module | None = None
-    _wrapped: dict = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -120,12 +119,17 @@ def resolve_strategy(strategy: str, world: int) -> str:
 
 def init_process_group(device: torch.device, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join the process group torchrun/accelerate describe in the environment (RANK,
-    WORLD_SIZE, MASTER_ADDR, MASTER_PORT); (0, 1) when not launched that way."""
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or form a 1-rank group when not launched that way
+    (to run the DDP/FSDP code path in one process)."""
     if tdist.is_initialized():
         return tdist.get_rank(), tdist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and "MASTER_ADDR" not in os.environ:
-        return 0, 1
+    if "MASTER_ADDR" not in os.environ:  # one process, not launched: a 1-rank group on a free port
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     if device.type == "cuda":

@@ -25,6 +25,7 @@ import yaml
 
 from steppo.config import Config, ConfigError
 from steppo.core.batch import StepBatch, input_tokens
+from steppo.core.losses import ratio_units, staleness_weights
 from steppo.core.records import Trajectory
 from steppo.envs.base import Task, TextEnv
 from steppo.envs.registry import env_factory
@@ -84,10 +85,8 @@ class Trainer:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         strategy = dist_lib.resolve_strategy(self.cfg.trainer.parallel, launched)
         rank, world = (0, 1)
-        if strategy != "none" and launched > 1:
+        if strategy != "none":  # an explicit ddp/fsdp in one process runs on a 1-rank group
             rank, world = dist_lib.init_process_group(resolve_device(self.cfg.model.device))
-        if world == 1:
-            strategy = "none"
         self.say = log if rank == 0 else (lambda *_: None)
         seed_everything(self.cfg.run.seed)
         self.make_env = env_factory(self.cfg.env)
@@ -101,7 +100,10 @@ class Trainer:
         algo = self.cfg.algo
         m = self.cfg.model
         resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
-        if world > 1 and self.cfg.sft_enabled and resume_from is None:
+        if strategy != "none" and self.cfg.trainer.async_rollout and world > 1:
+            raise ConfigError("trainer.async_rollout runs on one process for now (its rollout thread and the "
+                              "update would issue collectives concurrently); use trainer.parallel=none")
+        if strategy != "none" and self.cfg.sft_enabled and resume_from is None:
             raise ConfigError("the SFT warm start runs in one process: run `steppo sft ...` first, then train "
                               "on several processes with model.name=<run>/checkpoints/iter_000000/policy sft.enabled=false")
         base = None
@@ -137,13 +139,10 @@ class Trainer:
         if critic is not None:
             own = [p for n, p in critic.named_parameters() if p.requires_grad]
             self.critic_opt = Optimiser(own, self.cfg.trainer.critic_lr, warmup)
-        generator_model = self.rollout_copy.model if self.rollout_copy else self.models.policy.model
         self.engine = RolloutEngine(
             self.make_env,
             self.models.chat,
-            LocalBackend(generator_model, {self.models.chat.end_of_turn_id},
-                         self.cfg.rollout.temperature, self.pad_id,
-                         kv_cache=self.cfg.rollout.kv_cache and self.cfg.rollout.context == "cumulative"),
+            self._backend(),
             self.cfg.rollout,
             self.env.instructions(),
             self.env.settings,
@@ -164,6 +163,23 @@ class Trainer:
             self.runlog = _NoLog()
         if resume_from is not None:
             self.say(f"resumed from {resume_from} (next iteration {self.iteration + 1})")
+
+    def _backend(self):
+        """The generator: the training model itself, or a vLLM engine fed its weights."""
+        r = self.cfg.rollout
+        model = self.rollout_copy.model if self.rollout_copy else self.models.policy.model
+        if self.cfg.trainer.async_rollout and self.rollout_copy is None:
+            model = copy.deepcopy(model)  # the rollout thread's own weights, loaded from snapshots
+        self.generator_model = model
+        stop = {self.models.chat.end_of_turn_id}
+        if r.backend == "vllm":
+            from steppo.rollout.vllm_backend import VLLMBackend
+
+            return VLLMBackend(model, self.models.base_path, stop, r.temperature, max_model_len=r.context_limit,
+                               gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=self.cfg.run.seed,
+                               dtype=str(self.models.dtype if self.models.device.type == "cuda" else torch.float32).split(".")[-1])
+        return LocalBackend(model, stop, r.temperature, self.pad_id,
+                            kv_cache=r.kv_cache and r.context == "cumulative")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -224,19 +240,23 @@ class Trainer:
         groups = [f"{t.id}@{iteration}" for t in tasks]
         return tasks, groups
 
-    def rollout(self, tasks: list[Task], groups: list[str], iteration: Any, greedy: bool = False) -> RolloutResult:
+    def rollout(self, tasks: list[Task], groups: list[str], iteration: Any, greedy: bool = False,
+                policy_version: int | None = None) -> RolloutResult:
         """Play `tasks`; data-parallel ranks each play an interleaved share and every rank gets
         the merged result (trajectories in the same order on every rank)."""
         d = self.dist
+        version = self.policy_version if policy_version is None else policy_version
         if not d.active:
             return self.engine.run(tasks, groups, self.cfg.run.seed, iteration=iteration, greedy=greedy,
-                                   policy_version=self.policy_version)
+                                   policy_version=version)
         mine = list(range(d.rank, len(tasks), d.world))
         part = self.engine.run([tasks[i] for i in mine], [groups[i] for i in mine], self.cfg.run.seed,
-                               iteration=iteration, greedy=greedy, policy_version=self.policy_version, indices=mine)
+                               iteration=iteration, greedy=greedy, policy_version=version, indices=mine)
         return RolloutResult.merge(d.gather_objects(part.portable()))
 
     def evaluate(self, tag: Any, greedy: bool = True) -> dict[str, float]:
+        if self.cfg.trainer.async_rollout:  # the rollout thread's generator holds a snapshot
+            self._load_generator(self._policy_snapshot())
         result = self.rollout(self.eval_tasks, [t.id for t in self.eval_tasks],
                               f"eval-{tag}-{'greedy' if greedy else 'sampled'}", greedy=greedy)
         prefix = "eval/" if greedy else "eval_sampled/"
@@ -270,10 +290,19 @@ class Trainer:
     def train_iteration(self) -> dict[str, Any]:
         """One rollout + update; returns the iteration's metrics."""
         it = self.iteration + 1
-        cfg, algo = self.cfg, self.cfg.algo
         t0 = time.perf_counter()
         tasks, groups = self.sample_tasks(it)
         result: RolloutResult = self.rollout(tasks, groups, it)
+        return self.learn(it, result, time.perf_counter() - t0)
+
+    def learn(self, it: int, result: RolloutResult, rollout_s: float, wait_s: float | None = None) -> dict[str, Any]:
+        """Credit assignment and the update on one iteration's episodes; the iteration's metrics.
+
+        `rollout_s`: time the rollout took; `wait_s` (asynchronous training): time the update
+        loop waited for it (the part not hidden behind the previous update).
+        """
+        cfg, algo = self.cfg, self.cfg.algo
+        stale = cfg.trainer.async_rollout
         trajs = result.trajectories
         t1 = time.perf_counter()
         metrics: dict[str, Any] = {"iteration": it}
@@ -288,8 +317,21 @@ class Trainer:
             layout = cfg.layout
             scored = score_batch(self.models, algo, trajs, batch, layout, cfg.trainer.micro_batch_tokens, self.pad_id,
                                  cfg.trainer.row_tokens, dist=self.dist)
-            metrics["rollout/logprob_parity_max_abs"] = float((scored.logprobs - batch.old_logprobs).abs().max())
+            drift = float((scored.logprobs - batch.old_logprobs).abs().max())
             credit = compute_credit(algo, batch, scored)
+            if stale:
+                # behaviour policy (rollout log-probs) vs proximal policy (this update's start)
+                lag = [self.policy_version - s.policy_version for t in trajs for s in t.steps]
+                units, n_units = ratio_units(algo.ratio_level, batch.token_step, batch.token_traj)
+                w = staleness_weights(scored.logprobs, batch.old_logprobs, units, n_units, cfg.trainer.is_truncation)
+                credit.token_advantages = credit.token_advantages * w
+                metrics["async/staleness_mean"] = float(np.mean(lag))
+                metrics["async/staleness_max"] = float(max(lag))
+                metrics["async/is_weight_mean"] = float(w.mean())
+                metrics["async/is_weight_truncated_frac"] = float((w >= cfg.trainer.is_truncation).float().mean())
+                metrics["async/behaviour_logprob_drift_max_abs"] = drift
+            else:
+                metrics["rollout/logprob_parity_max_abs"] = drift
             settings = UpdateSettings(
                 epochs=cfg.trainer.epochs, minibatch_steps=cfg.trainer.minibatch_steps,
                 micro_batch_tokens=cfg.trainer.micro_batch_tokens, max_grad_norm=cfg.trainer.max_grad_norm,
@@ -307,23 +349,49 @@ class Trainer:
                 metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[sel].mean())
             if settings.train_policy:
                 self.policy_version += 1
-            if self.rollout_copy is not None:
-                self.rollout_copy.refresh(self.models.policy)
-            self.engine.backend.invalidate()
+            if not stale:  # asynchronous: the rollout thread loads its own snapshot of the weights
+                if self.rollout_copy is not None:
+                    self.rollout_copy.refresh(self.models.policy)
+                self.engine.backend.invalidate()
             self._log_samples(it, trajs[: cfg.trainer.sample_trajectories], scored, credit)
             tokens = sum(len(t.steps[-1].context_ids) for t in trajs)
             trained = cfg.trainer.epochs * input_tokens(trajs, layout)
         else:
             tokens = trained = 0
         t2 = time.perf_counter()
-        metrics["time/rollout_s"] = t1 - t0
+        metrics["time/rollout_s"] = rollout_s
         metrics["time/update_s"] = t2 - t1
-        metrics["throughput/tokens_per_s"] = (result.generated_tokens + tokens) / max(t2 - t0, 1e-9)
-        metrics["throughput/rollout_tokens_per_s"] = result.generated_tokens / max(t1 - t0, 1e-9)
+        if wait_s is not None:
+            metrics["time/rollout_wait_s"] = wait_s
+        iteration_s = (wait_s if wait_s is not None else rollout_s) + (t2 - t1)
+        metrics["time/iteration_s"] = iteration_s
+        metrics["throughput/tokens_per_s"] = (result.generated_tokens + tokens) / max(iteration_s, 1e-9)
+        metrics["throughput/rollout_tokens_per_s"] = result.generated_tokens / max(rollout_s, 1e-9)
         metrics["throughput/update_tokens_per_s"] = trained / max(t2 - t1, 1e-9)
         metrics["policy_version"] = self.policy_version
         self.iteration = it
         return metrics
+
+    # ------------------------------------------------------------------ asynchronous rollout
+
+    def _policy_snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the policy's current weights, keyed like the generator model."""
+        if self.dist.strategy == "fsdp":
+            state = dist_lib.full_state_dict(self.models.policy)
+            return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return {k: v.detach().clone() for k, v in self.models.policy.model.state_dict().items()}
+
+    def _load_generator(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.generator_model.load_state_dict(snapshot)
+        self.engine.backend.invalidate()
+
+    def _async_rollout(self, it: int, snapshot: dict[str, torch.Tensor], version: int) -> tuple[RolloutResult, float]:
+        """Runs in the rollout thread: the episodes of iteration `it` with weights `snapshot`."""
+        t0 = time.perf_counter()
+        self._load_generator(snapshot)
+        tasks, groups = self.sample_tasks(it)
+        result = self.rollout(tasks, groups, it, policy_version=version)
+        return result, time.perf_counter() - t0
 
     def _log_samples(self, it: int, trajs: list[Trajectory], scored, credit) -> None:
         records, s = [], 0
@@ -366,26 +434,76 @@ class Trainer:
                 if f"{mode}/success" in before:
                     summary[f"{mode}/success_before"] = before[f"{mode}/success"]
             self.say(f"held-out success before RL: {self._describe(before)}")
+        if cfg.trainer.async_rollout:
+            self._train_async(progress, summary)
         while not self.finished:
-            metrics = self.train_iteration()
-            it = self.iteration
-            last = self.finished
-            if (cfg.trainer.eval_interval and it % cfg.trainer.eval_interval == 0) or last:
-                metrics.update(self.evaluate(it))
-                if cfg.trainer.eval_sampled:
-                    metrics.update(self.evaluate(it, greedy=False))
-            self.runlog.log(metrics)
-            if (cfg.trainer.checkpoint_interval and it % cfg.trainer.checkpoint_interval == 0) or last:
-                self.save()
-            if progress is not None:
-                progress(it, cfg.trainer.iterations, metrics)
-            summary["last"] = metrics
+            self._after_update(self.train_iteration(), progress, summary)
         for mode in ("eval", "eval_sampled"):
             if f"{mode}/success" in summary.get("last", {}):
                 summary[f"{mode}/success_after"] = summary["last"][f"{mode}/success"]
         if "last" in summary:
             self.say(f"held-out success after RL: {self._describe(summary['last'])}")
         return summary
+
+    def _after_update(self, metrics: dict, progress, summary: dict, drain: Callable[[], None] = lambda: None) -> None:
+        """Validation, logging and checkpoints after an update (`drain`: wait for rollouts in
+        flight before validation uses the rollout engine)."""
+        cfg = self.cfg
+        it, last = self.iteration, self.finished
+        if (cfg.trainer.eval_interval and it % cfg.trainer.eval_interval == 0) or last:
+            drain()
+            metrics.update(self.evaluate(it))
+            if cfg.trainer.eval_sampled:
+                metrics.update(self.evaluate(it, greedy=False))
+        self.runlog.log(metrics)
+        if (cfg.trainer.checkpoint_interval and it % cfg.trainer.checkpoint_interval == 0) or last:
+            self.save()
+        if progress is not None:
+            progress(it, cfg.trainer.iterations, metrics)
+        summary["last"] = metrics
+
+    def _train_async(self, progress, summary: dict) -> None:
+        """Asynchronous training: while the trainer updates on iteration k, a rollout thread
+        plays iteration k+1 (up to `trainer.staleness` iterations ahead) with a snapshot of the
+        weights taken when it was launched. Each step records the policy version that sampled
+        it; `learn` corrects the lag with truncated step-level importance weights (decoupled
+        PPO, see `steppo.core.losses.staleness_weights`). An interrupted run resumes from its
+        last checkpoint; rollouts that were in flight are played again with the restored
+        weights (so a resumed asynchronous run is not bitwise identical to an uninterrupted one).
+        """
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        cfg = self.cfg
+        pool = ThreadPoolExecutor(1, thread_name_prefix="steppo-rollout")
+        inflight: deque = deque()
+        next_it = self.iteration + 1
+
+        def launch() -> None:
+            nonlocal next_it
+            if next_it <= cfg.trainer.iterations:
+                inflight.append((next_it, pool.submit(self._async_rollout, next_it, self._policy_snapshot(),
+                                                      self.policy_version)))
+                next_it += 1
+
+        def drain() -> None:
+            for _, fut in inflight:
+                fut.result()
+
+        try:
+            while len(inflight) < cfg.trainer.staleness and next_it <= cfg.trainer.iterations:
+                launch()
+            while not self.finished and inflight:
+                it, fut = inflight.popleft()
+                t0 = time.perf_counter()
+                result, rollout_s = fut.result()
+                waited = time.perf_counter() - t0
+                launch()  # plays while this update runs
+                self._after_update(self.learn(it, result, rollout_s, wait_s=waited), progress, summary, drain)
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+            pool.shutdown(wait=True)
 
     @property
     def finished(self) -> bool:
@@ -402,7 +520,7 @@ class Trainer:
     def close(self) -> None:
         self.engine.close()
         self.runlog.close()
-        if self.dist.active and torch.distributed.is_initialized():
+        if self.dist.strategy != "none" and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -175,3 +175,16 @@ def test_explained_variance():
     assert explained_variance(T([1.0, 2.0, 3.0]), T([1.0, 2.0, 3.0])) == 1.0
     assert explained_variance(T([0.0, 0.0]), T([1.0, -1.0])) == 0.0
     assert math.isnan(explained_variance(T([1.0]), T([1.0])))
+
+
+def test_staleness_weights_are_truncated_per_step_geometric_means():
+    from steppo.core.losses import staleness_weights
+
+    # step 0: tokens with log-ratios 0.2 and 0.0 -> exp(0.1); step 1: one token with log-ratio 2 -> capped at 2
+    prox = torch.tensor([-1.0, -2.0, -0.5])
+    behav = torch.tensor([-1.2, -2.0, -2.5])
+    units = torch.tensor([0, 0, 1])
+    w = staleness_weights(prox, behav, units, 2, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([math.exp(0.1), math.exp(0.1), 2.0]))
+    # the same policy: weight 1 everywhere
+    torch.testing.assert_close(staleness_weights(prox, prox, units, 2, cap=2.0), torch.ones(3))

@@ -17,7 +17,7 @@ from steppo.trainer.distributed import assign, full_state_dict, init_process_gro
 from steppo.trainer.update import Optimiser, UpdateSettings, compute_credit, ppo_update, score_batch
 from tests.conftest import make_batch
 
-SETTINGS = dict(epochs=int(os.environ.get("T_EPOCHS", 2)), minibatch_steps=int(os.environ.get("T_MB", 12)), micro_batch_tokens=120, max_grad_norm=0.5, layout="prefix_shared",
+SETTINGS = dict(epochs=2, minibatch_steps=12, micro_batch_tokens=120, max_grad_norm=0.5, layout="prefix_shared",
                 old_logprobs="rollout", train_policy=True)
 
 

@@ -86,3 +86,20 @@ def test_resume_continues_with_identical_results(tmp_path):
     wa = ckpt.latest_checkpoint(straight / "checkpoints") / "policy" / "model.safetensors"
     wb = ckpt.latest_checkpoint(split / "checkpoints") / "policy" / "model.safetensors"
     assert wa.read_bytes() == wb.read_bytes()
+
+
+def test_async_training_overlaps_one_iteration_and_corrects_staleness(tmp_path):
+    out = tmp_path / "async"
+    assert main(["train", *SMALL, "trainer.iterations=3", "trainer.async_rollout=true", "algo.entropy_coef=0.05",
+                 "trainer.lr_warmup_steps=0", "trainer.policy_lr=1e-2", f"run.output_dir={out}"]) == 0
+    records = _metrics(out)[1:]
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    # iteration 1 was played by version 0 and trained on at once; later ones lag one update behind
+    assert records[0]["async/staleness_max"] == 0 and records[0]["async/is_weight_mean"] == 1.0
+    for r in records[1:]:
+        assert r["async/staleness_mean"] == 1.0 and r["async/staleness_max"] == 1.0
+        assert r["async/behaviour_logprob_drift_max_abs"] > 0  # the weights did move between versions
+        assert 0 < r["async/is_weight_mean"] and r["async/is_weight_truncated_frac"] <= 1
+        assert r["time/rollout_wait_s"] <= r["time/rollout_s"] + 1e-3
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and samples[-1]["iteration"] == 3
