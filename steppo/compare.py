@@ -263,9 +263,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         curves = [r["curve"] for r in results["runs"][preset].values() if r["curve"]]
         if not curves:
             continue
-        n = min(len(c) for c in curves)
-        xs = [statistics.mean(c[i]["env_steps"] for c in curves) for i in range(n)]
-        ys = [statistics.mean(c[i]["success"] for c in curves) for i in range(n)]
+        xs, ys = _mean_curve(curves, "success")
         ax.plot(xs, ys, marker="o", ms=3, label=preset, lw=2.2 if preset == "steppo" else 1.2)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("held-out success (greedy, mean over seeds)")
@@ -279,10 +277,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         runs = [r["critic_loss"] for r in results["runs"][preset].values() if r["critic_loss"]]
         if not runs:
             continue
-        n = min(len(r) for r in runs)
-        xs = [statistics.mean(r[i]["env_steps"] for r in runs) for i in range(n)]
-        ys = [statistics.mean(r[i]["loss"] for r in runs) for i in range(n)]
-        ax.plot(xs, ys, label=preset)
+        ax.plot(*_mean_curve(runs, "loss"), label=preset)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("critic loss (mean over seeds)")
     ax.set_title(f"{results['protocol']}: critic loss")
@@ -308,6 +303,14 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.legend(fontsize=8, ncol=2)
     written.append(_save(fig, out / "advantage_by_step.png"))
     return written
+
+
+def _mean_curve(series: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
+    """Mean over seeds of `key` against environment steps, over the points every seed has."""
+    n = min(len(points) for points in series)
+    xs = [statistics.mean(points[i]["env_steps"] for points in series) for i in range(n)]
+    ys = [statistics.mean(points[i][key] for points in series) for i in range(n)]
+    return xs, ys
 
 
 def _save(fig, path: Path) -> Path:

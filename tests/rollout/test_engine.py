@@ -166,30 +166,41 @@ def test_rounds_schedule_is_reproducible(tiny_models):
     assert outs[0] == outs[1]
 
 
-def test_process_workers_run_episodes_and_kill_a_hung_environment(tiny_models):
+def _hung_environment_is_replaced(tiny_models, kind):
+    """Episodes on `kind` workers where every other environment hangs: those time out, their
+    workers are replaced, the others finish."""
     import functools
 
     factory = functools.partial(HangingEnv, EnvSettings(max_steps=4))
-    engine = make_engine(tiny_models, factory=factory, env_workers="process", step_timeout_s=3.0,
+    engine = make_engine(tiny_models, factory=factory, env_workers=kind, step_timeout_s=3.0,
                          schedule="continuous", num_envs=2)
     result = run(engine, n=4)
     engine.close()
     reasons = [e.end_reason for e in result.episodes]
     assert "env_timeout" in reasons and any(r != "env_timeout" for r in reasons)
     assert engine.pool.replaced >= 1
+    return result
+
+
+def test_process_workers_run_episodes_and_kill_a_hung_environment(tiny_models):
+    result = _hung_environment_is_replaced(tiny_models, "process")
     ok = [t for t in result.trajectories if t.info["end_reason"] != "env_timeout"]
     for traj in ok:
         for prev, nxt in zip(traj.steps, traj.steps[1:]):
             assert nxt.prompt_ids[: len(prev.context_ids)] == prev.context_ids
 
 
-def test_process_workers_give_the_same_episodes_as_threads(tiny_models):
+def _same_episodes_as_threads(tiny_models, kind):
     outs = []
-    for kind in ("thread", "process"):
-        engine = make_engine(tiny_models, env_workers=kind, num_envs=2)
+    for k in ("thread", kind):
+        engine = make_engine(tiny_models, env_workers=k, num_envs=2)
         outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=3).trajectories])
         engine.close()
     assert outs[0] == outs[1]
+
+
+def test_process_workers_give_the_same_episodes_as_threads(tiny_models):
+    _same_episodes_as_threads(tiny_models, "process")
 
 
 class SlowEnv(CompassEnv):
@@ -252,26 +263,12 @@ def test_kv_cached_rollout_matches_re_prefilling(tiny_models, greedy):
 def test_ray_workers_give_the_same_episodes_and_kill_a_hung_environment(tiny_models):
     """Slow (Ray starts a worker process per actor): `python -m pytest -m slow -k ray`."""
     pytest.importorskip("ray")
-    import functools
-
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     try:
-        outs = []
-        for kind in ("thread", "ray"):
-            engine = make_engine(tiny_models, env_workers=kind, num_envs=2)
-            outs.append([[s.response_ids for s in t.steps] for t in run(engine, n=3).trajectories])
-            engine.close()
-        assert outs[0] == outs[1]
-        factory = functools.partial(HangingEnv, EnvSettings(max_steps=4))
-        engine = make_engine(tiny_models, factory=factory, env_workers="ray", step_timeout_s=3.0,
-                             schedule="continuous", num_envs=2)
-        result = run(engine, n=4)
-        engine.close()
-        reasons = [e.end_reason for e in result.episodes]
-        assert "env_timeout" in reasons and any(r != "env_timeout" for r in reasons)
-        assert engine.pool.replaced >= 1
+        _same_episodes_as_threads(tiny_models, "ray")
+        _hung_environment_is_replaced(tiny_models, "ray")
     finally:
         ray.shutdown()
