@@ -121,7 +121,7 @@ def test_registered_in_verl_and_used_by_its_trainer():
     # verl's own path for its built-in estimators is untouched
     gae = ray_trainer.compute_advantage(
         DataProto.from_dict(tensors={"token_level_rewards": rewards, "values": values, "response_mask": mask}),
-        core_algos.AdvantageEstimator.GAE, gamma=1.0, lam=1.0)
+        core_algos.AdvantageEstimator.GAE, gamma=1.0, lam=1.0, config={})
     assert not torch.allclose(gae.batch["advantages"], adv)
     # the registered loss through verl's registry, with verl's ActorConfig
     from verl.workers.config import ActorConfig
