@@ -27,23 +27,32 @@ from steppo.config import load_config
 from steppo.trainer.trainer import Trainer
 
 
-def run(mode: str, args, sft_policy: str | None, root: Path) -> tuple[dict, str]:
+def warm_start(args, root: Path) -> str:
+    """SFT once, without the step delay (it models the environment during RL only)."""
+    cfg = load_config(overrides=[f"sft.demos={args.demos}", f"run.output_dir={root / 'sft'}", "run.trackers=[]",
+                                 "run.progress=false", "trainer.eval_episodes=1"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    try:
+        trainer.warm_start()
+    finally:
+        trainer.close()
+    return str(root / "sft" / "sft_model")
+
+
+def run(mode: str, args, sft_policy: str, root: Path) -> dict:
     overrides = [
+        f"model.name={sft_policy}", "sft.enabled=false",
         f"trainer.iterations={args.iterations}", "trainer.trajectories_per_iteration=32", "trainer.eval_interval=0",
         f"trainer.eval_episodes={args.eval_episodes}", "trainer.eval_sampled=false", "trainer.checkpoint_interval=0",
         f"env.step_delay_s={args.delay}", "rollout.num_envs=32", "critic.warmup_iterations=1",
         f"trainer.async_rollout={'true' if mode == 'async' else 'false'}", f"run.output_dir={root / mode}",
         "run.trackers=[]", "run.progress=false",
     ]
-    if sft_policy:
-        overrides += [f"model.name={sft_policy}", "sft.enabled=false"]
-    else:
-        overrides += [f"sft.demos={args.demos}"]
     trainer = Trainer(load_config(overrides=overrides), log=lambda *_: None)
     try:
         t0 = time.perf_counter()
         summary = trainer.train()
-        wall = time.perf_counter() - t0 - (summary.get("time/sft_s") or 0.0)  # RL only (+ validations)
+        wall = time.perf_counter() - t0  # RL iterations + the validations before and after
     finally:
         trainer.close()
     rows = [json.loads(line) for line in (root / mode / "metrics.jsonl").read_text().splitlines()][1:]
@@ -61,7 +70,7 @@ def run(mode: str, args, sft_policy: str | None, root: Path) -> tuple[dict, str]
         out["rollout_wait_s_mean"] = statistics.mean(r["time/rollout_wait_s"] for r in steady)
         out["staleness_mean"] = statistics.mean(r["async/staleness_mean"] for r in rows)
         out["is_weight_mean"] = statistics.mean(r["async/is_weight_mean"] for r in rows)
-    return out, sft_policy or (str(root / mode / "sft_model") if (root / mode / "sft_model").exists() else None)
+    return out
 
 
 def main() -> int:
@@ -72,8 +81,9 @@ def main() -> int:
     ap.add_argument("--eval-episodes", type=int, default=50)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="steppo-async-"))
-    sync, sft_policy = run("sync", args, None, root)
-    asyn, _ = run("async", args, sft_policy, root)
+    sft_policy = warm_start(args, root)
+    sync = run("sync", args, sft_policy, root)
+    asyn = run("async", args, sft_policy, root)
     print(json.dumps({
         "benchmark": "async",
         "workload": {"env": "compass", "model": "tiny", "step_delay_s": args.delay, "iterations": args.iterations,

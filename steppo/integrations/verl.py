@@ -1,7 +1,8 @@
 """StepPO inside verl: the step-level estimator and the step-level ratio loss in verl's registries.
 
-Two config lines in a verl PPO run (after ``import steppo.integrations.verl`` in the launcher, or
-``+steppo_plugin`` via verl's ``custom_cls``/import hooks)::
+Call ``steppo.integrations.verl.register()`` once in the process that runs verl's trainer (e.g.
+at the top of your launcher script, before ``verl.trainer.main_ppo`` runs), then two config
+lines in the verl PPO run::
 
     algorithm.adv_estimator=steppo            # step GAE over the turns of a multi-turn response
     actor_rollout_ref.actor.policy_loss.loss_mode=steppo   # one clipped ratio per turn
