@@ -60,3 +60,11 @@ def test_every_shipped_config_and_protocol_loads(tmp_path):
         proto = load_protocol(path)
         for name in proto["presets"]:
             _write_config(run_config(proto, name, 0, tmp_path, None), tmp_path / f"{name}.yaml")  # validates
+
+
+def test_react_prompting_gets_a_response_budget_for_the_thought():
+    from steppo.envs.registry import REACT_MIN_NEW_TOKENS, env_factory
+
+    plain = env_factory(load_config(overrides=["env=compass"]).env).settings
+    react = env_factory(load_config(overrides=["env=compass", "env.react=true"]).env).settings
+    assert plain.max_new_tokens == 8 and react.max_new_tokens == REACT_MIN_NEW_TOKENS

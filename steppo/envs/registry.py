@@ -42,6 +42,9 @@ class EnvFactory:
             raise EnvError(f"environment {self.name!r} rejected its params {self.params}: {exc}") from exc
 
 
+REACT_MIN_NEW_TOKENS = 96  # response budget of a ReAct step (a short thought, then the action)
+
+
 def env_factory(cfg) -> EnvFactory:
     """The configured environment's constructor.
 
@@ -54,6 +57,8 @@ def env_factory(cfg) -> EnvFactory:
         "react": cfg.react,
         "step_delay_s": cfg.step_delay_s,
     }
+    if cfg.react:  # a thought before the action needs room: never less than REACT_MIN_NEW_TOKENS
+        updates["max_new_tokens"] = max(settings.max_new_tokens, REACT_MIN_NEW_TOKENS)
     if cfg.max_steps is not None:
         updates["max_steps"] = cfg.max_steps
     if cfg.show_admissible is not None:
