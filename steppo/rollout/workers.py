@@ -31,20 +31,28 @@ from steppo.envs.base import TextEnv
 WORKER_KINDS = ("thread", "process", "ray")
 
 
-class EnvWorker:
-    """One environment instance, driven by one thread, one call at a time."""
+class _QueuedWorker:
+    """A call queue served, one call at a time, by a daemon thread running `serve`
+    (subclasses set up their state before calling this constructor: the thread starts here)."""
 
-    def __init__(self, factory: Callable[[], TextEnv], name: str = "env-worker"):
-        self._factory = factory
+    def __init__(self, serve: Callable[[], None], name: str):
         self._calls: queue.Queue = queue.Queue()
-        self.env: TextEnv | None = None
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread = threading.Thread(target=serve, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, method: str, *args: Any) -> Future:
         fut: Future = Future()
         self._calls.put((fut, method, args))
         return fut
+
+
+class EnvWorker(_QueuedWorker):
+    """One environment instance, driven by one thread, one call at a time."""
+
+    def __init__(self, factory: Callable[[], TextEnv], name: str = "env-worker"):
+        self._factory = factory
+        self.env: TextEnv | None = None
+        super().__init__(self._serve, name)
 
     def _serve(self) -> None:
         while True:
@@ -99,7 +107,7 @@ def _child(factory: Callable[[], TextEnv], conn) -> None:
             pass
 
 
-class ProcessEnvWorker:
+class ProcessEnvWorker(_QueuedWorker):
     """One environment instance in a spawned child process; same interface as `EnvWorker`.
 
     The factory must be picklable (`steppo.envs.registry.EnvFactory` is).
@@ -113,14 +121,7 @@ class ProcessEnvWorker:
         self._proc.start()
         child_conn.close()
         self._failed: EnvFailure | None = None
-        self._calls: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._forward, name=f"{name}-io", daemon=True)
-        self._thread.start()
-
-    def submit(self, method: str, *args: Any) -> Future:
-        fut: Future = Future()
-        self._calls.put((fut, method, args))
-        return fut
+        super().__init__(self._forward, f"{name}-io")
 
     def _forward(self) -> None:
         try:  # calls stay pending (not running) until the child has started

@@ -177,7 +177,7 @@ class Trainer:
 
             return VLLMBackend(model, self.models.base_path, stop, r.temperature, max_model_len=r.context_limit,
                                gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=self.cfg.run.seed,
-                               dtype=str(self.models.dtype if self.models.device.type == "cuda" else torch.float32).split(".")[-1])
+                               dtype=self.cfg.model.dtype if self.models.device.type == "cuda" else "float32")
         return LocalBackend(model, stop, r.temperature, self.pad_id,
                             kv_cache=r.kv_cache and r.context == "cumulative")
 

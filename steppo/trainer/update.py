@@ -119,13 +119,13 @@ def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajector
     units = blocks(trajs, layout_kind)
     mine = assign(trajs, units, dist.world, layout_kind)[dist.rank] if dist else units
     groups: list[list[int] | None] = list(chunk_by_tokens(trajs, mine, budget, layout_kind))
-    if dist is not None:
+    if sharded:
         groups += [None] * (dist.max_int(len(groups)) - len(groups))
     was = policy.training
     policy.eval()
     for group in groups:
         real = group is not None
-        group = group if real else units[0]  # a rank with less work runs a discarded forward
+        group = group if real else units[0]  # FSDP: a rank with less work runs a discarded forward
         step_idx, tok_idx = flat_ranges(batch, group)
         layout = build_layout([trajs[i] for i in group], layout_kind, pad_id, row_tokens).to(device)
         with autocast(device, models.dtype):
