@@ -521,6 +521,7 @@ class Trainer:
         self.engine.close()
         self.runlog.close()
         if self.dist.strategy != "none" and torch.distributed.is_initialized():
+            self.dist.barrier()  # no rank tears the group down while another is still in a collective
             torch.distributed.destroy_process_group()
 
 

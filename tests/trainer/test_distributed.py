@@ -54,12 +54,15 @@ def _worker(rank, world, port, tiny_dir, algo_name, strategy, out_path):
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     init_process_group(torch.device("cpu"), timeout_s=300)
-    try:
-        result = _update(tiny_dir, algo_name, strategy, rank, world)
-        if rank == 0:
-            torch.save(result, out_path)
-    finally:
-        torch.distributed.destroy_process_group()
+    result = _update(tiny_dir, algo_name, strategy, rank, world)
+    if rank == 0:
+        torch.save(result, out_path)
+    # Both ranks are past their last collective before either tears gloo down, and the worker
+    # leaves without interpreter finalisation: gloo threads still holding work objects there
+    # abort the process (a known torch teardown race; it once failed CI after a complete update).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
 
 
 def _free_port() -> int:
