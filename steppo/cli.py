@@ -123,7 +123,7 @@ def cmd_sft(args) -> int:
         path = trainer.save()
     finally:
         trainer.close()
-    console.print(f"SFT checkpoint: {path}  (use it with model.name={path / 'policy'})")
+    console.print(f"SFT checkpoint: {path}  (start runs from it with model.name={trainer.sft_dir})")
     print(json.dumps(metrics, default=str))
     return 0
 

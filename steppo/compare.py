@@ -106,7 +106,7 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
 
     def one(seed: int) -> tuple[int, str]:
         run_dir = root / "sft" / f"seed{seed}"
-        policy = run_dir / "checkpoints" / "iter_000000" / "policy"
+        policy = run_dir / "sft_model"  # a plain model directory (LoRA adapters merged)
         if not (policy / "config.json").exists():
             tree = _merge(proto["base"], {"run": {"seed": seed, "output_dir": str(run_dir), "progress": False}})
             cfg = _write_config(tree, run_dir / "protocol.yaml")

@@ -40,10 +40,10 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
     results = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=2)
 
     # one warm start per seed, shared by every preset of that seed
-    assert (runs / "sft" / "seed0" / "checkpoints" / "iter_000000" / "policy" / "config.json").exists()
+    assert (runs / "sft" / "seed0" / "sft_model" / "config.json").exists()
     for preset in ("steppo", "grpo"):
         cfg = yaml.safe_load((runs / preset / "seed0" / "protocol.yaml").read_text())
-        assert cfg["model"]["name"].endswith("sft/seed0/checkpoints/iter_000000/policy")
+        assert cfg["model"]["name"].endswith("sft/seed0/sft_model")
         records = [json.loads(line) for line in (runs / preset / "seed0" / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in records if "rollout/episodes" in r]
         # equal budget: 8 trajectories per update for both (grpo: 8 / group_size tasks x group_size),

@@ -202,20 +202,23 @@ def _entity_name(rng: random.Random, kind: str) -> str:
     return _syllable_name(rng, rng.randint(2, 3)) + rng.choice(_SUFFIX[kind])
 
 
-def synthetic_kb(seed: int, hops: int, num_questions: dict[str, int]) -> QAData:
+def synthetic_kb(seed: int, hops: int, num_questions: dict[str, int], world_entities: int | None = None) -> QAData:
     """A random world of named products, companies, people, cities and countries, one passage
     per entity listing its facts, and questions that chain `hops` facts ("Who founded the
-    company that makes Zorvik Lamp?"). Each split has its own entities (no fact a training
-    question touches answers an evaluation question). Deterministic in its arguments."""
+    company that makes Zorvik Lamp?"). By default each split has its own entities (no fact a
+    training question touches answers an evaluation question). With `world_entities` every
+    split asks about one world of that many entities per type: evaluation questions are still
+    never asked in training (no split repeats a (start entity, relation path) of another), but
+    their entities and facts appear in training passages. Deterministic in its arguments."""
     if hops < 1:
         raise ValueError("synthetic hops must be >= 1")
     rng = random.Random(f"searchqa-synthetic/{seed}/{hops}")
     used: set[str] = set()
     passages: list[Passage] = []
     splits: dict[str, list[Question]] = {}
-    for split in SPLITS:
-        n = num_questions.get(split, 0)
-        per_type = max(8, (n + 1) // 2)
+    seen: set[tuple] = set()  # (start, path) of every question made so far, across splits
+
+    def make_world(per_type: int) -> tuple[dict, dict, dict]:
         names: dict[str, list[str]] = {}
         for kind in ENTITY_TYPES:
             names[kind] = []
@@ -235,13 +238,22 @@ def synthetic_kb(seed: int, hops: int, num_questions: dict[str, int]) -> QAData:
                         sentences.append(fact.format(s=name, o=target))
                 pid_of[name] = f"synthetic-p{len(passages):05d}"
                 passages.append(Passage(pid_of[name], name, " ".join(sentences)))
-        splits[split] = _chain_questions(rng, split, n, hops, names, facts, pid_of)
+        return names, facts, pid_of
+
+    if world_entities is not None:
+        if world_entities < 2:
+            raise ValueError("synthetic world_entities must be >= 2")
+        world = make_world(world_entities)
+    for split in SPLITS:
+        n = num_questions.get(split, 0)
+        if world_entities is None:
+            world = make_world(max(8, (n + 1) // 2))
+        splits[split] = _chain_questions(rng, split, n, hops, *world, seen)
     return QAData(passages, splits)
 
 
-def _chain_questions(rng, split, n, hops, names, facts, pid_of) -> list[Question]:
+def _chain_questions(rng, split, n, hops, names, facts, pid_of, seen: set[tuple]) -> list[Question]:
     out: list[Question] = []
-    seen: set[tuple] = set()
     by_subject = {kind: [r for r in RELATIONS if r[1] == kind] for kind in ENTITY_TYPES}
     attempts = 0
     while len(out) < n:

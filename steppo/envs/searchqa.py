@@ -19,11 +19,14 @@ Params:
         (default: when ``2wikimultihopqa/`` is found beside ``data_dir`` or in the data dir).
     top_k: passages per search (3). passage_chars: characters kept per passage (400).
     hops, seed, num_tasks: synthetic only: lookups per question (2), the world's seed (0),
-        questions per split ({"train": 1000, "dev": 100, "test": 200}).
+        questions per split ({"train": 1000, "dev": 100, "test": 200}), world_entities: one world
+        of that many entities per type for every split (default: each split its own; see
+        `steppo.envs.qa_data.synthetic_kb`).
 
 Splits: hotpotqa by a hash of the question id (`steppo.envs.qa_data.hash_split`: 459 train,
 62 dev, 67 test of 588); musique all 100 in test (out-of-domain evaluation; no train, no dev);
-synthetic generates each split from its own entities.
+synthetic generates each split from its own entities (or, with world_entities, asks each split
+different questions about one world).
 
 The anchor (GiGPO state key) is a hash of the question id and the set of passages retrieved so
 far. The expert searches each supporting passage's title, in reading order, then answers.
@@ -109,6 +112,7 @@ class SearchQAEnv(TextEnv):
         hops: int = 2,
         seed: int = 0,
         num_tasks: dict[str, int] | None = None,
+        world_entities: int | None = None,
     ):
         super().__init__(settings)
         if source not in SOURCES:
@@ -131,8 +135,8 @@ class SearchQAEnv(TextEnv):
             self.data, self.index = _world(("musique", str(folder)), lambda: load_musique(folder))
         else:
             sizes = {"train": 1000, "dev": 100, "test": 200, **(num_tasks or {})}
-            key = ("synthetic", seed, hops, tuple(sorted(sizes.items())))
-            self.data, self.index = _world(key, lambda: synthetic_kb(seed, hops, sizes))
+            key = ("synthetic", seed, hops, tuple(sorted(sizes.items())), world_entities)
+            self.data, self.index = _world(key, lambda: synthetic_kb(seed, hops, sizes, world_entities))
         self._questions = {q.qid: q for qs in self.data.splits.values() for q in qs}
         self._row = {p.id: i for i, p in enumerate(self.data.passages)}
         self.retrieved: set[str] = set()

@@ -67,8 +67,8 @@ def build_models(model_cfg, *, base_path: Path, with_critic: bool, shared_critic
                  with_reference: bool, temperature: float, policy_dir: Path | None = None,
                  reference_path: Path | None = None) -> Models:
     """Load tokenizer and policy (from `policy_dir` when resuming), then critic and reference
-    (frozen weights from `reference_path`, default the base model; with LoRA the reference is
-    the policy with its adapters switched off).
+    (frozen weights from `reference_path`, default the base model; with LoRA and no
+    `reference_path` the reference is the policy with its adapters switched off).
 
     Args: model_cfg: `steppo.config.ModelConfig`.
     """
@@ -95,7 +95,7 @@ def build_models(model_cfg, *, base_path: Path, with_critic: bool, shared_critic
     policy = Policy(model, temperature=temperature)
     critic = make_critic(policy, shared_critic) if with_critic else None
     reference = None
-    if with_reference and not use_lora:
+    if with_reference and (not use_lora or reference_path is not None):  # LoRA alone: adapters disabled
         reference = load_reference(reference_path or base_path, weights_dtype, device, temperature)
     return Models(policy, critic, reference, tokenizer, chat, base_path, device, dtype)
 

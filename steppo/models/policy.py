@@ -177,6 +177,27 @@ def make_critic(policy: Policy, shared: bool) -> Critic:
     return Critic(hidden, decoder).to(policy.device)
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the base model's names; peft LoRA adapters merged in (the model
+    is left as it was)."""
+    if hasattr(model, "merge_adapter"):  # peft: merge, read, unmerge
+        model.merge_adapter()
+        try:
+            return {k.replace(".base_layer.", "."): v.detach().clone()
+                    for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+        finally:
+            model.unmerge_adapter()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def save_merged(model: nn.Module, path) -> None:
+    """Save `model` as a plain transformers model directory (LoRA adapters merged in)."""
+    if hasattr(model, "merge_adapter"):
+        model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(model))
+    else:
+        model.save_pretrained(path)
+
+
 def apply_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, targets: list[str] | str):
     """Wrap `model` with LoRA adapters (peft); only adapter weights stay trainable."""
     try:

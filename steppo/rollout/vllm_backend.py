@@ -32,22 +32,7 @@ import torch
 from torch import nn
 
 from steppo.models.generation import Sample
-
-
-def policy_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's names (LoRA adapters merged in)."""
-    if hasattr(model, "merge_adapter"):  # peft: merge, read, unmerge
-        model.merge_adapter()
-        try:
-            state = {}
-            for k, v in model.get_base_model().state_dict().items():
-                if "lora_" in k:
-                    continue
-                state[k.replace(".base_layer.", ".")] = v.detach().clone()
-            return state
-        finally:
-            model.unmerge_adapter()
-    return {k: v.detach() for k, v in model.state_dict().items()}
+from steppo.models.policy import merged_state_dict
 
 
 class VLLMBackend:
@@ -116,7 +101,7 @@ class VLLMBackend:
 
     def invalidate(self) -> None:
         """The policy's weights changed: push them to the engine and drop the prefix cache."""
-        weights = policy_weights(self.model)
+        weights = merged_state_dict(self.model)
         items = [(k, v.to("cpu") if v.device.type != "cpu" else v) for k, v in weights.items()]
         # vLLM's in-place reload: re-runs the loader's post-processing (fused q/k/v, CPU layouts)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})

@@ -30,7 +30,7 @@ from steppo.core.records import Trajectory
 from steppo.envs.base import Task, TextEnv
 from steppo.envs.registry import env_factory
 from steppo.models.build import Models, build_models, load_reference, resolve_base_model
-from steppo.models.policy import resolve_device
+from steppo.models.policy import resolve_device, save_merged
 from steppo.rollout.engine import RolloutEngine, RolloutResult
 from steppo.rollout.local import LocalBackend
 from steppo.trainer import checkpoint as ckpt
@@ -105,7 +105,7 @@ class Trainer:
                               "update would issue collectives concurrently); use trainer.parallel=none")
         if strategy != "none" and self.cfg.sft_enabled and resume_from is None:
             raise ConfigError("the SFT warm start runs in one process: run `steppo sft ...` first, then train "
-                              "on several processes with model.name=<run>/checkpoints/iter_000000/policy sft.enabled=false")
+                              "on several processes with model.name=<run>/sft_model sft.enabled=false")
         base = None
         for turn in range(world):  # rank 0 builds the tiny model/tokenizer (if needed) first, the others load it
             if turn == rank:
@@ -279,10 +279,12 @@ class Trainer:
         )
         self.sft_done = True
         self.engine.backend.invalidate()
-        self.models.policy.model.save_pretrained(self.sft_dir)
+        # A plain model directory (LoRA adapters merged): the KL reference of this run, and the
+        # starting point (model.name=<run>/sft_model) of runs that warm-start from this one.
+        save_merged(self.models.policy.model, self.sft_dir)
         self.models.tokenizer.save_pretrained(self.sft_dir)
-        if self.cfg.algo.uses_reference and self.models.reference is not None:
-            self.models.reference = load_reference(self.sft_dir, next(self.models.reference.parameters()).dtype,
+        if self.cfg.algo.uses_reference:  # with LoRA too: disabling the adapters would undo the SFT
+            self.models.reference = load_reference(self.sft_dir, next(self.models.policy.model.parameters()).dtype,
                                                    self.models.device, self.cfg.rollout.temperature)
         return {"sft/demos": len(demos), "sft/loss_first_epoch": losses[0] if losses else None,
                 "sft/loss_last_epoch": losses[-1] if losses else None, "time/sft_s": time.perf_counter() - t0}

@@ -101,6 +101,20 @@ def test_synthetic_world_is_deterministic_and_needs_search():
     assert not titles["train"] & titles["test"]  # each split has its own entities
 
 
+def test_shared_world_asks_new_questions_about_the_same_entities():
+    data = synthetic_kb(3, 2, SMALL, world_entities=12)
+    assert data.passages == synthetic_kb(3, 2, SMALL, world_entities=12).passages
+    assert len(data.passages) == 12 * 5
+    asked = {s: {(q.support, q.question) for q in data.splits[s]} for s in data.splits}
+    assert not asked["train"] & asked["test"] and not asked["train"] & asked["dev"]
+    starts = {s: {q.support[0] for q in data.splits[s]} for s in data.splits}
+    assert starts["train"] & starts["test"]  # one world: test questions start at trained entities
+    env = SearchQAEnv(source="synthetic", num_tasks=SMALL, world_entities=12)
+    task = env.tasks("test")[0]
+    result = play(env, task, env.expert_actions(task))
+    assert result.terminated and result.reward == 1.0
+
+
 def test_wrong_answer_gives_zero_and_partial_f1():
     env = synthetic()
     task = next(t for t in env.tasks("train") if len(t.payload["answer"].split()) == 2)

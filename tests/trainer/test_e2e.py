@@ -103,3 +103,33 @@ def test_async_training_overlaps_one_iteration_and_corrects_staleness(tmp_path):
         assert r["time/rollout_wait_s"] <= r["time/rollout_s"] + 1e-3
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and samples[-1]["iteration"] == 3
+
+
+def test_lora_warm_start_saves_a_plain_model_and_keeps_it_as_the_kl_reference(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from steppo.core.batch import build_layout
+
+    cfg = load_config(overrides=[*SMALL, "sft.enabled=true", "sft.demos=16", "sft.epochs=1", "sft.lr=1e-2",
+                                 "model.lora_rank=4", "algo.kl_coef=0.1", f"run.output_dir={tmp_path}",
+                                 "run.trackers=[]"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    try:
+        trainer.warm_start()
+        models = trainer.models
+        saved = AutoModelForCausalLM.from_pretrained(trainer.sft_dir).eval()
+        assert not any("lora" in k for k in saved.state_dict())
+        ids = torch.tensor([list(range(3, 40))])
+        with torch.no_grad():
+            want = models.policy.model(input_ids=ids).logits
+            torch.testing.assert_close(saved(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+            with models.policy.reference():  # adapters off: the model before SFT, not the reference
+                assert (models.policy.model(input_ids=ids).logits - want).abs().max() > 1e-3
+        assert models.reference is not None  # the KL reference is the warm-started policy
+        tasks, groups = trainer.sample_tasks(1)
+        demos = trainer.rollout(tasks[:2], groups[:2], 1).trajectories
+        lay = build_layout(demos, "per_step", trainer.pad_id)
+        with torch.no_grad():
+            torch.testing.assert_close(models.reference(lay)[0], models.policy(lay)[0], rtol=1e-4, atol=1e-4)
+    finally:
+        trainer.close()
