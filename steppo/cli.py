@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="run a comparison protocol (presets x seeds) and write tables and plots")
     cp.add_argument("protocol", help="protocol YAML (configs/compare/*.yaml)")
     cp.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
+    cp.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     cp.add_argument("--presets", nargs="*", help="only these presets")
     cp.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     cp.add_argument("--out", help="results directory (default results/<protocol name>)")
@@ -153,7 +154,7 @@ def _quiet_libraries() -> None:
 def cmd_compare(args) -> int:
     from steppo.compare import run_protocol, table
 
-    results = run_protocol(args.protocol, args.out, args.jobs, args.presets, args.seeds, args.runs)
+    results = run_protocol(args.protocol, args.out, args.jobs, args.presets, args.seeds, args.runs, args.threads)
     print(table(results))
     return 0
 

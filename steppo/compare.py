@@ -121,8 +121,10 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
 
 def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int = 2,
                  presets: list[str] | None = None, seeds: list[int] | None = None,
-                 runs_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) every preset x seed of a protocol, then write the results."""
+                 runs_dir: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run (or resume) every preset x seed of a protocol, then write the results.
+
+    `threads`: torch threads per run (default: the machine's cores shared among `jobs`)."""
     proto = load_protocol(path)
     if presets:
         proto["presets"] = presets
@@ -130,7 +132,7 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
         proto["seeds"] = seeds
     out = Path(out_dir or Path("results") / proto["name"])
     root = Path(runs_dir or Path("runs") / "compare" / proto["name"])
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     starts = warm_starts(proto, root, jobs, threads)
     work = [(p, s) for s in proto["seeds"] for p in proto["presets"]]
 

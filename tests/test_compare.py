@@ -65,7 +65,7 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
 
     # resume: finished runs are not rerun
     mtime = (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime
-    run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1)
+    run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
     assert (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime == mtime
 
 
