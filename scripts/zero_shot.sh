@@ -20,3 +20,7 @@ steppo eval "${common[@]}" env=searchqa "env.params={source: hotpotqa}" --split 
     --json "$out/searchqa_hotpotqa_dev.json"
 steppo eval "${common[@]}" env=searchqa "env.params={source: musique}" --split test --episodes "$n" \
     --json "$out/searchqa_musique_test.json"
+# the smollm2-searchqa protocol's environment, with its plain tool-call prompt (no ReAct)
+steppo eval model.name=smollm2-135m run.output_dir=runs/zero_shot run.progress=false env=searchqa \
+    "env.params={source: synthetic, hops: 1, num_tasks: {train: 1000, dev: 40, test: 100}}" \
+    rollout.max_new_tokens=48 --split dev --episodes 40 --json "$out/searchqa_synthetic_1hop_dev.json"
