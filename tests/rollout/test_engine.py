@@ -204,13 +204,23 @@ def test_process_workers_give_the_same_episodes_as_threads(tiny_models):
 
 
 class SlowEnv(CompassEnv):
-    """Records when each step really ran (thread workers share the clock and this list)."""
+    """Records when each step really ran (thread workers share the clock and this list).
+
+    Instances take 0.1, 0.3 or 0.5 s per step, so steps that start together end apart and the
+    engine has an early finisher to generate for while the others are still stepping (with one
+    delay for all, every step could end before the next generation call starts)."""
 
     ran: list = []
+    made = 0
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.delay = (0.1, 0.3, 0.5)[SlowEnv.made % 3]
+        SlowEnv.made += 1
 
     def _act(self, action):
         start = time.perf_counter()
-        time.sleep(0.15)
+        time.sleep(self.delay)
         out = super()._act(action)
         SlowEnv.ran.append((start, time.perf_counter(), id(self)))
         return out
