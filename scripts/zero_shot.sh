@@ -6,7 +6,8 @@ set -euo pipefail
 n=${EPISODES:-20}
 out=results/zero_shot
 mkdir -p "$out"
-common=(model.name=smollm2-135m env.react=true run.output_dir=runs/zero_shot run.progress=false)
+model=(model.name=smollm2-135m run.output_dir=runs/zero_shot run.progress=false)
+common=("${model[@]}" env.react=true)
 steppo eval "${common[@]}" env=compass --split dev --episodes "$n" --json "$out/compass_dev.json"
 steppo eval "${common[@]}" env=twx "env.params={game: coin, game_params: {numLocations: 3}}" \
     rollout.context=window --split dev --episodes "$n" --json "$out/twx_coin_dev.json"
@@ -21,6 +22,6 @@ steppo eval "${common[@]}" env=searchqa "env.params={source: hotpotqa}" --split 
 steppo eval "${common[@]}" env=searchqa "env.params={source: musique}" --split test --episodes "$n" \
     --json "$out/searchqa_musique_test.json"
 # the smollm2-searchqa protocol's environment, with its plain tool-call prompt (no ReAct)
-steppo eval model.name=smollm2-135m run.output_dir=runs/zero_shot run.progress=false env=searchqa \
+steppo eval "${model[@]}" env=searchqa \
     "env.params={source: synthetic, hops: 1, num_tasks: {train: 1000, dev: 40, test: 100}}" \
     rollout.max_new_tokens=48 --split dev --episodes 40 --json "$out/searchqa_synthetic_1hop_dev.json"
