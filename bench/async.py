@@ -31,7 +31,7 @@ def warm_start(args, root: Path) -> str:
     """SFT once, without the step delay (it models the environment during RL only)."""
     cfg = load_config(overrides=[f"sft.demos={args.demos}", f"run.output_dir={root / 'sft'}", "run.trackers=[]",
                                  "run.progress=false", "trainer.eval_episodes=1"])
-    trainer = Trainer(cfg, log=lambda *_: None)
+    trainer = Trainer(cfg, overwrite=True, log=lambda *_: None)
     try:
         trainer.warm_start()
     finally:
@@ -48,7 +48,7 @@ def run(mode: str, args, sft_policy: str, root: Path) -> dict:
         f"trainer.async_rollout={'true' if mode == 'async' else 'false'}", f"run.output_dir={root / mode}",
         "run.trackers=[]", "run.progress=false",
     ]
-    trainer = Trainer(load_config(overrides=overrides), log=lambda *_: None)
+    trainer = Trainer(load_config(overrides=overrides), overwrite=True, log=lambda *_: None)
     try:
         t0 = time.perf_counter()
         summary = trainer.train()

@@ -29,7 +29,7 @@ def one(strategy: str, args) -> dict:
         f"trainer.parallel={strategy}", f"run.output_dir={args.output}/{strategy}", "run.trackers=[]",
         "run.progress=false", *args.overrides,
     ])
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)
     torch.cuda.reset_peak_memory_stats()
     rows = []
     try:

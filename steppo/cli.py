@@ -2,7 +2,8 @@
 
     steppo train                                  # the embedded default: tiny + SFT + StepPO on compass
     steppo train algo=grpo trainer.iterations=20 run.output_dir=runs/grpo
-    steppo train --config configs/compass.yaml --resume
+    steppo train run.output_dir=runs/default --resume   # the run's own config + only what you override
+    steppo train run.output_dir=runs/default --overwrite                # delete that run, start again
     steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
     steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from steppo.config import ConfigError, load_config
+from steppo.config import ConfigError, load_config, resume_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,10 +30,19 @@ def _parser() -> argparse.ArgumentParser:
         ("eval", "evaluate a checkpoint or model on an environment's held-out split"),
     ]:
         sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo=grpo trainer.iterations=10")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo=grpo trainer.iterations=10 "
+                        "(before or after --config; they always apply after the file)")
         sp.add_argument("--config", help="YAML config file applied before the overrides")
         if name == "train":
-            sp.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+            sp.add_argument("--resume", action="store_true",
+                            help="continue the run in run.output_dir from its newest intact checkpoint, with its "
+                                 "saved config.yaml plus only the keys given here (--config and overrides)")
+            sp.add_argument("--force", action="store_true",
+                            help="with --resume: allow changing keys that define the run (model, env, algorithm, "
+                                 "seed)")
+        if name in ("train", "sft"):
+            sp.add_argument("--overwrite", action="store_true",
+                            help="delete the run already in run.output_dir, then start a new one")
         if name == "eval":
             sp.add_argument("--checkpoint", help="checkpoint directory (…/checkpoints/iter_N)")
             sp.add_argument("--split", help="split to evaluate (default env.eval_split)")
@@ -56,16 +66,30 @@ def _console():
     return Console(stderr=True)
 
 
+def _say(console):
+    """Messages as plain lines (paths unwrapped and copyable, no markup read into them)."""
+    return lambda message: console.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
 def cmd_train(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     from steppo.trainer.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     console = _console()
+    if args.resume:
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in run.output_dir and --overwrite deletes it; pass one")
+        cfg, changes = resume_config(args.config, args.overrides, force=args.force)
+        for line in changes:
+            _say(console)(line)
+    else:
+        if args.force:
+            raise ConfigError("--force only applies with --resume (it allows changing run-defining keys)")
+        cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=args.resume, log=console.print)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, log=_say(console))
     try:
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -108,6 +132,8 @@ def cmd_train(args) -> int:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, str):  # e.g. "n/a (5 of 6 episodes failed in the environment)"
+        return v
     return "-" if v is None else f"{v:.3f}"
 
 
@@ -116,7 +142,7 @@ def cmd_sft(args) -> int:
 
     cfg = load_config(args.config, list(args.overrides) + ["sft.enabled=true"])
     console = _console()
-    trainer = Trainer(cfg, log=console.print)
+    trainer = Trainer(cfg, overwrite=args.overwrite, log=_say(console))
     try:
         metrics = trainer.warm_start()
         metrics.update(trainer.evaluate("sft"))
@@ -130,9 +156,11 @@ def cmd_sft(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from steppo.config import preflight
     from steppo.evaluate import evaluate, format_table
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     summary = evaluate(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
                        split=args.split, episodes=args.episodes, greedy=not args.sampled)
     _console().print(format_table(summary))
@@ -159,14 +187,35 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse stops collecting positional overrides at the first option, so
+    ``train algo=grpo --config X trainer.iterations=3`` would reject the last one: overrides on
+    both sides of an option are gathered (in order); anything else unknown is an error."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        stray = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_libraries()
     try:
         return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except ConfigError as exc:
         print(f"steppo: config error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from steppo.trainer.update import NonFiniteError
+
+        if not isinstance(exc, NonFiniteError):
+            raise
+        print(f"steppo: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
         if not (policy / "config.json").exists():
             tree = _merge(proto["base"], {"run": {"seed": seed, "output_dir": str(run_dir), "progress": False}})
             cfg = _write_config(tree, run_dir / "protocol.yaml")
-            _steppo(["sft", "--config", str(cfg)], run_dir / "log.txt", threads)
+            # no sft_model yet: any run files there are an interrupted attempt's, start it again
+            _steppo(["sft", "--config", str(cfg), "--overwrite"], run_dir / "log.txt", threads)
         return seed, str(policy)
 
     with cf.ThreadPoolExecutor(jobs) as pool:
@@ -143,8 +144,9 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
             return preset, seed, json.loads((run_dir / "done.json").read_text())["wall_s"]
         cfg = _write_config(run_config(proto, preset, seed, run_dir, starts[seed]), run_dir / "protocol.yaml")
         args = ["train", "--config", str(cfg)]
-        if (run_dir / "checkpoints" / "latest").exists():
-            args.append("--resume")
+        # an interrupted run continues (from its newest intact checkpoint, or from iteration 0
+        # when it had none); --overwrite only clears a directory without a run's config
+        args.append("--resume" if (run_dir / "config.yaml").exists() else "--overwrite")
         wall = _steppo(args, run_dir / "log.txt", threads)
         (run_dir / "done.json").write_text(json.dumps({"wall_s": wall}))
         return preset, seed, wall

@@ -5,14 +5,21 @@ command-line overrides, and validated as a whole::
 
     steppo train algo=grpo rollout.temperature=0.8 env=compass trainer.iterations=50
 
-``algo=NAME`` (or ``algo: {name: NAME}`` in YAML) starts the algorithm section from a preset
-before other ``algo.*`` keys apply; ``env=NAME`` is short for ``env.name=NAME``.
+The algorithm section is built in two passes, so no key is silently lost: first the algorithm
+*name* is resolved from every source (the YAML's ``algo.name``, then ``algo=NAME`` on the
+command line; the last one given wins, default ``steppo``); the section starts from that preset
+plus the default job's `DEFAULT_ALGO_KEYS` (the KL anchor to the warm-started policy); then
+every other ``algo.*`` key from the YAML and the command line applies in order. So
+``--config configs/compass.yaml algo=grpo`` keeps the YAML's ``kl_coef``, and ``algo=steppo``
+is exactly the default job. ``env=NAME`` is short for ``env.name=NAME``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +144,8 @@ class TrainerConfig:
             policy being updated (rollouts in flight ahead of the update).
         is_truncation: async only: cap c of the truncated step-level importance weight
             min(pi_prox / pi_behaviour, c) that corrects stale batches.
+        max_nonfinite_updates: optimiser steps in a row skipped for a non-finite loss or
+            gradient norm before the run stops with an error (nothing non-finite is saved).
     """
 
     iterations: int = 60
@@ -162,6 +171,7 @@ class TrainerConfig:
     async_rollout: bool = False
     staleness: int = 1
     is_truncation: float = 2.0
+    max_nonfinite_updates: int = 3
 
 
 @dataclass
@@ -172,14 +182,16 @@ class SFTConfig:
         enabled: run SFT before RL in ``steppo train`` (None = only for the ``tiny`` model,
             which starts from random weights).
         demos: expert episodes from the training split.
-        epochs: passes over the demos.
+        epochs: passes over the demos (4: with 2, the ``tiny`` model's cloning of compass sat on
+            the plateau where it predicts the marginal action whatever the observation, and left
+            it or not depending on bit-level numerics; see README, "The main job").
         lr: learning rate.
         batch_trajectories: demos per optimiser step.
     """
 
     enabled: bool | None = None
     demos: int = 1000
-    epochs: int = 2
+    epochs: int = 4
     lr: float = 2e-3
     batch_trajectories: int = 16
 
@@ -207,10 +219,75 @@ class RunConfig:
     progress: bool = True
 
 
+BUILTIN_MODELS = ("tiny", "smollm2-135m")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def model_source(name: str) -> str | None:
+    """``builtin``, ``local`` (an existing directory), ``hub`` (shaped like owner/name) or None."""
+    if name in BUILTIN_MODELS:
+        return "builtin"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "local"
+    if path.exists() or name.startswith(("/", "./", "../", "~")):
+        return None  # a file, or a path that is not there
+    return "hub" if _HUB_ID.match(name) else None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def preflight(config: "Config") -> None:
+    """Checks that depend on this machine, run before any work: the device exists, and a hub
+    model can be had (from the cache when offline). Raises ConfigError naming the key."""
+    device = config.model.device
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={device} but CUDA is not available on this machine "
+                              f"(torch {torch.__version__}); use model.device=auto or model.device=cpu")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ConfigError(f"model.device={device}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device not in ("auto", "cpu") and not device.startswith("mps"):
+        raise ConfigError(f"model.device={device!r}: use auto, cpu, cuda or cuda:N")
+    name = config.model.name
+    if model_source(name) != "hub":
+        return
+    where = "a local model directory"
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json", cache_dir=None), str):
+            raise ConfigError(f"model.name={name!r} is not a local directory, and as a Hugging Face hub id it is "
+                              f"not in the local cache while HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; download "
+                              f"it first (huggingface-cli download {name}) or point model.name at {where}")
+        return
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name, "config.json", etag_timeout=5)
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"model.name={name!r} is not a local directory and could not be fetched from the "
+                          f"Hugging Face hub ({type(exc).__name__}: {first}); check the id and the network, "
+                          f"set HF_HUB_OFFLINE=1 to use the cache, or point model.name at {where}") from exc
+
+
+# The default job's algorithm keys, applied on top of whichever preset is chosen (before the YAML's
+# and the command line's algo.* keys): a KL anchor to the warm-started policy (see README).
+DEFAULT_ALGO_KEYS: dict[str, Any] = {"kl_coef": 0.05}
+DEFAULT_ALGORITHM = "steppo"
+
+
 @dataclass
 class Config:
-    # The embedded default job adds a KL anchor to the warm-started policy (see README).
-    algo: AlgorithmConfig = field(default_factory=lambda: preset("steppo", kl_coef=0.05))
+    algo: AlgorithmConfig = field(default_factory=lambda: preset(DEFAULT_ALGORITHM, **DEFAULT_ALGO_KEYS))
     model: ModelConfig = field(default_factory=ModelConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
@@ -260,6 +337,14 @@ class Config:
         need(self.env.step_delay_s >= 0, "env.step_delay_s must be >= 0")
         need(t.staleness >= 1, "trainer.staleness must be >= 1 (rollouts ahead of the update)")
         need(t.is_truncation >= 1.0, "trainer.is_truncation must be >= 1")
+        need(t.max_nonfinite_updates >= 1, "trainer.max_nonfinite_updates must be >= 1")
+        need(
+            not (t.async_rollout and t.old_logprobs == "rollout"),
+            "trainer.async_rollout=true with trainer.old_logprobs=rollout corrects staleness twice "
+            "(advantages weighted by min(pi_prox / pi_behaviour, c) and the ratio taken against the "
+            "behaviour policy); set trainer.old_logprobs=recompute (decoupled PPO: the ratio against "
+            "the proximal policy) or trainer.async_rollout=false",
+        )
         need(self.model.lora_rank >= 0, "model.lora_rank must be >= 0")
         need(self.critic.warmup_iterations >= 0, "critic.warmup_iterations must be >= 0")
         need(
@@ -268,6 +353,19 @@ class Config:
             "use a separate critic (critic.shared=false)",
         )
         need(self.sft.demos >= 1 and self.sft.epochs >= 0 and self.sft.lr > 0, "sft.demos >= 1, sft.epochs >= 0, sft.lr > 0")
+        need(self.sft.batch_trajectories >= 1,
+             f"sft.batch_trajectories must be >= 1 (demos per optimiser step), got {self.sft.batch_trajectories}")
+        need(self.env.max_steps is None or self.env.max_steps >= 1,
+             f"env.max_steps must be >= 1 (or null for the environment's default), got {self.env.max_steps}")
+        need(t.max_grad_norm >= 0, f"trainer.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
+        need(r.window >= 0, f"rollout.window must be >= 0 (turns the window context keeps), got {r.window}")
+        from steppo.envs.registry import ENVIRONMENTS
+
+        need(self.env.name in ENVIRONMENTS,
+             f"unknown environment env.name={self.env.name!r}; choose one of {sorted(ENVIRONMENTS)}")
+        need(model_source(self.model.name) is not None,
+             f"model.name={self.model.name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), nor an "
+             f"existing local model directory, nor a Hugging Face hub id (owner/name); check the path")
         unknown = set(self.run.trackers) - {"tensorboard", "wandb", "mlflow"}
         need(not unknown, f"unknown trackers {sorted(unknown)}; choose from tensorboard, wandb, mlflow")
         return self
@@ -363,11 +461,8 @@ def _apply(config: Config, tree: dict[str, Any]) -> None:
             value = {"name": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{top} must be a mapping of keys, got {value!r}")
-        if top == "algo" and "name" in value:
-            if value["name"] not in PRESETS:
-                raise ConfigError(f"unknown algorithm {value['name']!r}; choose one of {sorted(PRESETS)}")
-            config.algo = preset(value["name"])
-            value = {k: v for k, v in value.items() if k != "name"}
+        if top == "algo":
+            value = {k: v for k, v in value.items() if k != "name"}  # resolved by `load_config`
         section = getattr(config, top)
         for name, raw in value.items():
             _set(section, top, name, raw)
@@ -394,24 +489,127 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _algorithm_name(layers: list[dict[str, Any]]) -> str:
+    """The algorithm a run uses: the last ``algo.name`` (or ``algo: NAME``) among the layers."""
+    name = DEFAULT_ALGORITHM
+    for tree in layers:
+        algo = tree.get("algo")
+        if isinstance(algo, dict):
+            algo = algo.get("name", name)
+        if algo is None:
+            continue
+        if not isinstance(algo, str) or algo not in PRESETS:
+            raise ConfigError(f"unknown algorithm {algo!r}; choose one of {sorted(PRESETS)}")
+        name = algo
+    return name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then the overrides; validated."""
-    config = Config()
+    """Defaults, then the YAML file, then the overrides; validated.
+
+    The algorithm name is resolved from all of them first, then every ``algo.*`` key applies
+    in order on top of that preset and `DEFAULT_ALGO_KEYS` (see the module doc).
+    """
+    layers = []
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        _apply(config, data)
-    _apply(config, parse_overrides(overrides or []))
-    return config.validate()
+        layers.append(read_yaml(path))
+    layers.append(parse_overrides(overrides or []))
+    return _build(layers)
+
+
+def _build(layers: list[dict[str, Any]], validate: bool = True) -> Config:
+    config = Config(algo=preset(_algorithm_name(layers), **DEFAULT_ALGO_KEYS))
+    for tree in layers:
+        _apply(config, tree)
+    return config.validate() if validate else config
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping from `path`; a missing, unreadable or malformed file is a ConfigError
+    naming the file (and the line of a YAML error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} {'is a directory' if p.is_dir() else 'does not exist'}"
+                          f"; pass the path of a YAML file (e.g. --config configs/compass.yaml)")
+    try:
+        with p.open() as f:  # a stream, so YAML errors name the file rather than "<unicode string>"
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `Config.to_dict` (e.g. a run's config.yaml)."""
-    config = Config()
-    algo = dict(data.get("algo", {}))
-    rest = {k: v for k, v in data.items() if k != "algo"}
-    if algo:
-        config.algo = AlgorithmConfig(**algo)
-    _apply(config, rest)
-    return config.validate()
+    return _build([data])
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# Keys a resumed run may not change without --force: they define the weights, tokenizer and
+# optimiser state in the checkpoint, the task stream, or (run.seed) the run's determinism.
+RUN_DEFINING = (
+    "model.name", "model.tiny_size", "model.tiny_vocab", "model.lora_rank", "model.lora_alpha",
+    "model.lora_dropout", "model.lora_targets", "env.name", "env.params", "algo.name", "algo.estimator",
+    "algo.critic", "critic.shared", "run.seed",
+)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not (prefix == "env." and k == "params"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_dir_from(path: str | Path | None, overrides: list[str] | None) -> Path:
+    """The run directory named by the command line (``run.output_dir=``), else the config file,
+    else the default."""
+    for tree in (parse_overrides(overrides or []), read_yaml(path) if path is not None else {}):
+        run = tree.get("run")
+        if isinstance(run, dict) and run.get("output_dir") is not None:
+            return Path(str(run["output_dir"]))
+    return Path(RunConfig().output_dir)
+
+
+def resume_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                  force: bool = False) -> tuple[Config, list[str]]:
+    """The config of a run being resumed: its saved ``config.yaml``, then only the keys given
+    explicitly (the ``--config`` file's and the command line's), validated; and one line per
+    changed key. Changing a `RUN_DEFINING` key is refused unless `force`."""
+    out = run_dir_from(path, overrides)
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        raise ConfigError(f"nothing to resume in {out}: no {saved_path.name} (is run.output_dir right? drop "
+                          f"--resume to start a new run there)")
+    saved = read_yaml(saved_path, "saved run config")
+    try:
+        before = _build([saved])
+    except ConfigError as exc:
+        raise ConfigError(f"{saved_path}: {exc}") from exc
+    explicit = ([read_yaml(path)] if path is not None else []) + [parse_overrides(overrides or [])]
+    name = _algorithm_name([saved, *explicit])
+    if name != before.algo.name:  # a different preset (forced): start from it, not the old algo keys
+        saved = {k: v for k, v in saved.items() if k != "algo"}
+    moved = Path(before.run.output_dir).resolve() != out.resolve()
+    explicit.append({"run": {"output_dir": str(out) if moved else before.run.output_dir}})  # where the run is now
+    after = _build([saved, *explicit], validate=False)  # what would change is said before any other error
+    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    changed = [k for k in new if old.get(k) != new[k]]
+    blocked = [k for k in changed if k in RUN_DEFINING]
+    if blocked and not force:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in blocked)
+        raise ConfigError(f"resuming {out} would change {what}: the checkpoint's weights, tokenizer, optimiser "
+                          f"state or determinism depend on {'it' if len(blocked) == 1 else 'them'}; start a new "
+                          f"run in another run.output_dir, or pass --force to resume anyway")
+    lines = [f"resume: {k}: {old.get(k)!r} -> {new[k]!r}{' (forced)' if k in blocked else ''}" for k in changed]
+    return after.validate(), lines

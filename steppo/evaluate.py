@@ -13,7 +13,7 @@ import numpy as np
 from steppo.config import Config
 from steppo.envs.registry import env_factory
 from steppo.models.build import build_models, resolve_base_model
-from steppo.rollout.engine import RolloutEngine, RolloutResult
+from steppo.rollout.engine import FAILED, RolloutEngine, RolloutResult
 from steppo.rollout.local import LocalBackend
 
 
@@ -34,16 +34,25 @@ def _model_source(cfg: Config, checkpoint: Path | None, corpus) -> tuple[Any, Pa
 
 
 def summarize(result: RolloutResult) -> dict[str, Any]:
-    """Success, score, steps, invalid-action and truncation rates, overall and per task type."""
+    """Success, score, steps, invalid-action and truncation rates, overall and per task type.
+
+    Episodes the environment failed (``env_error`` / ``env_timeout``) are not outcomes: success
+    and score are over the others, failures are counted in ``env_failures``; when more than half
+    failed, ``valid`` is false and success and score are None (not a score)."""
     eps = result.episodes
 
-    def stats(group) -> dict[str, float]:
+    def stats(group) -> dict[str, Any]:
         n = max(len(group), 1)
         steps = sum(len(e.steps) for e in group)
+        ok = [e for e in group if e.end_reason not in FAILED]
+        failed = len(group) - len(ok)
+        valid = not (group and failed * 2 > len(group))
         return {
             "episodes": len(group),
-            "success": sum(e.success for e in group) / n,
-            "score": float(np.mean([sum(s.reward for s in e.steps) for e in group])) if group else 0.0,
+            "env_failures": failed,
+            "valid": valid,
+            "success": (sum(e.success for e in ok) / max(len(ok), 1)) if valid else None,
+            "score": (float(np.mean([sum(s.reward for s in e.steps) for e in ok])) if ok else 0.0) if valid else None,
             "mean_steps": steps / n,
             "invalid_action_rate": sum(e.invalid_actions for e in group) / max(steps, 1),
             "truncation_rate": sum(e.end_reason != "terminated" for e in group) / n,
@@ -99,12 +108,18 @@ def evaluate(cfg: Config, checkpoint: Path | None = None, split: str | None = No
 def format_table(summary: dict[str, Any]):
     from rich.table import Table
 
-    table = Table(title=f"{summary['environment']} / {summary['split']} / {summary['model']} ({summary['decoding']})")
-    cols = ["episodes", "success", "score", "mean_steps", "invalid_action_rate", "truncation_rate"]
+    caption = None
+    if not summary.get("valid", True):
+        caption = (f"n/a ({summary['env_failures']} of {summary['episodes']} episodes failed in the environment): "
+                   "not a score")
+    table = Table(title=f"{summary['environment']} / {summary['split']} / {summary['model']} ({summary['decoding']})",
+                  caption=caption)
+    cols = ["episodes", "success", "score", "mean_steps", "invalid_action_rate", "truncation_rate", "env_failures"]
     table.add_column("rows")
     for c in cols:
         table.add_column(c, justify="right")
     rows = [("all", summary)] + list(summary.get("by_task_type", {}).items())
     for name, s in rows:
-        table.add_row(name, *[f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c]) for c in cols])
+        table.add_row(name, *["n/a" if s[c] is None else f"{s[c]:.3f}" if isinstance(s[c], float) else str(s[c])
+                              for c in cols])
     return table

@@ -68,3 +68,41 @@ def test_react_prompting_gets_a_response_budget_for_the_thought():
     plain = env_factory(load_config(overrides=["env=compass"]).env).settings
     react = env_factory(load_config(overrides=["env=compass", "env.react=true"]).env).settings
     assert plain.max_new_tokens == 8 and react.max_new_tokens == REACT_MIN_NEW_TOKENS
+
+
+def test_algorithm_name_resolves_first_so_yaml_algo_keys_survive_a_cli_preset():
+    # A preset named on the command line must not drop the YAML's algo keys (it dropped
+    # kl_coef 0.05 -> 0.0 before): the name is resolved first, then every algo.* key applies.
+    from pathlib import Path
+
+    compass = Path(__file__).resolve().parents[1] / "configs" / "compass.yaml"
+    cfg = load_config(compass, ["algo=grpo"])
+    assert cfg.algo.name == "grpo" and cfg.algo.estimator == "grpo" and cfg.algo.group_size == 8
+    assert cfg.algo.kl_coef == 0.05
+
+
+def test_algo_keys_apply_in_order_yaml_then_command_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("algo:\n  kl_coef: 0.2\n  lam: 0.9\n")
+    cfg = load_config(f, ["algo.lam=0.5", "algo=ppo"])  # the name may come after the keys
+    assert (cfg.algo.name, cfg.algo.estimator, cfg.algo.kl_coef, cfg.algo.lam) == ("ppo", "token_gae", 0.2, 0.5)
+    # a YAML name is overridden by a command-line name; the YAML's other algo keys still apply
+    f.write_text("algo:\n  name: rloo\n  gamma: 0.95\n")
+    cfg = load_config(f, ["algo=grpo"])
+    assert (cfg.algo.name, cfg.algo.gamma) == ("grpo", 0.95)
+    with pytest.raises(ConfigError, match="unknown algorithm 'dqn'"):
+        load_config(f, ["algo=dqn"])
+
+
+def test_naming_the_default_algorithm_is_the_default_job():
+    import dataclasses
+
+    from steppo.config import Config
+
+    default = load_config()
+    assert load_config(overrides=["algo=steppo"]).to_dict() == default.to_dict()
+    assert dataclasses.asdict(Config().algo) == dataclasses.asdict(default.algo)
+    assert default.algo.kl_coef == 0.05
+    # and every other preset starts from the same default-job keys
+    assert load_config(overrides=["algo=grpo"]).algo.kl_coef == 0.05
+    assert load_config(overrides=["algo=grpo", "algo.kl_coef=0"]).algo.kl_coef == 0.0

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from steppo.core.credit import CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS, WHITEN_MODES
+from steppo.core.credit import CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS, TOKEN_ESTIMATORS, WHITEN_MODES
 from steppo.core.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
 
 
@@ -45,7 +45,8 @@ class AlgorithmConfig:
         ratio_level: importance-ratio granularity: token, step or trajectory.
         group_size: rollouts per task; group estimators compare them.
         gamma, lam: discount and GAE lambda (lambda = 1 is the reference code's setting).
-        whiten: ``step`` (each step once), ``token`` or None.
+        whiten: ``step`` (each step once), ``token`` or None; unbiased (Bessel) std. ``step``
+            needs per-step advantages: refused for token-level estimators.
         token_discount: ``step`` or ``token``, for token-level estimators (see `token_gae`).
         normalize_std: divide group-centred outcomes by the group std (GRPO) or not.
         gigpo_step_weight: weight omega of GiGPO's anchor-state step term.
@@ -101,6 +102,11 @@ class AlgorithmConfig:
         need(self.whiten in WHITEN_MODES, f"whiten {self.whiten!r} is not one of {WHITEN_MODES}")
         need(self.kl_estimator in KL_ESTIMATORS, f"kl_estimator {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
         need(self.token_discount in ("step", "token"), "token_discount must be 'step' or 'token'")
+        need(
+            not (self.whiten == "step" and self.estimator in TOKEN_ESTIMATORS),
+            f"algo.whiten=step with the token-level estimator {self.estimator} would replace every "
+            "token's advantage by its step's first token's; set algo.whiten=token or algo.whiten=null",
+        )
         needs_critic = self.estimator in CRITIC_ESTIMATORS
         need(
             self.critic or not needs_critic,

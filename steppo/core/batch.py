@@ -133,12 +133,13 @@ class StepBatch:
     def _token_cells(self) -> torch.Tensor:
         """(N,) index of each action token in the flattened (B, K) grid."""
         first = (torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1))[self.token_traj]
-        return self.token_traj * self.token_slots.shape[1] + torch.arange(self.num_tokens) - first
+        rank = torch.arange(self.num_tokens, device=self.token_traj.device)
+        return self.token_traj * self.token_slots.shape[1] + rank - first
 
     @cached_property
     def step_end(self) -> torch.Tensor:
         """(B, K) bool: the token is the last one of its step."""
-        flat_end = torch.zeros(self.num_tokens, dtype=torch.bool)
+        flat_end = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.response_lengths.device)
         if self.num_tokens:
             ends = torch.cumsum(self.response_lengths, 0) - 1
             flat_end[ends] = True
@@ -173,8 +174,13 @@ class StepBatch:
         counts = self.step_mask.sum(1)
         return torch.cumsum(counts, 0) - 1
 
+    def to(self, device: torch.device | str) -> "StepBatch":
+        """The same batch with every tensor on `device` (the maps work on any device)."""
+        return StepBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
     @classmethod
     def from_trajectories(cls, trajectories: Sequence[Trajectory]) -> "StepBatch":
+        """Collate records (Python lists) into CPU tensors; move the batch with `to`."""
         group_names: dict[str, int] = {}
         group = torch.tensor(
             [group_names.setdefault(t.group_id, len(group_names)) for t in trajectories],
@@ -300,9 +306,9 @@ class TokenLayout:
     def gather_bootstrap(self, per_position: torch.Tensor) -> torch.Tensor:
         """(R, L) -> (B,): V(next state) for truncated trajectories, 0 elsewhere."""
         has = self.bootstrap_rows >= 0
-        out = torch.zeros(len(has), dtype=per_position.dtype, device=per_position.device)
-        out[has] = per_position[self.bootstrap_rows[has], self.bootstrap_cols[has]]
-        return out
+        # Read (0, 0) where there is no bootstrap and zero it: no data-dependent indexing.
+        read = per_position[self.bootstrap_rows.clamp(min=0), self.bootstrap_cols.clamp(min=0)]
+        return torch.where(has, read, 0)
 
     def to(self, device: torch.device | str) -> "TokenLayout":
         moved = {

@@ -9,6 +9,14 @@ and results at padding are 0.
 
 `estimate_credit` dispatches by estimator name from a `StepBatch` and returns advantages per
 step and per action token (the step's advantage copied to its tokens for step estimators).
+
+One normalisation rule everywhere (GRPO's group std, GiGPO's anchor groups, `whiten`): the
+standard deviation uses Bessel's correction, sqrt(sum (x - mean)^2 / (n - 1)), as verl does;
+a single entry (or a group of one) normalises to 0, never NaN.
+
+Device-safe: every tensor is created on the inputs' device with their dtype, and no result
+depends on reading data back to the host (counts come from shapes), so the same code runs on
+CPU, GPU and the `meta` device.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ ESTIMATORS = (
     "broadcast",
 )
 CRITIC_ESTIMATORS = {"step_gae": "step", "token_gae": "token"}
+# Estimators whose advantages differ between the tokens of one step.
+TOKEN_ESTIMATORS = ("token_gae", "reinforce_pp", "reinforce_pp_baseline")
 GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline", "gigpo")
 WHITEN_MODES = (None, "step", "token")
 
@@ -48,10 +58,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the masked entries, each entry counted once; 0 outside.
 
-    Population variance, so one entry whitens to 0 rather than NaN.
+    Unbiased variance (Bessel's correction, sum (x - mean)^2 / (n - 1), as verl's
+    ``masked_whiten`` and GRPO's group std here); one entry whitens to 0 rather than NaN.
     """
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    sq = torch.where(mask, (x - mean) ** 2, 0).sum()
+    var = sq / (n - 1).clamp(min=1)
     return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), 0)
 
 
@@ -71,11 +84,11 @@ def _gae(
     B, H = rewards.shape
     if isinstance(gamma, float) and isinstance(lam, float) and H <= _CLOSED_FORM_MAX_H:
         return _gae_closed_form(rewards, values, mask, bootstrap, gamma, lam)
-    gamma = torch.as_tensor(gamma, dtype=rewards.dtype).expand(B, H)
-    lam = torch.as_tensor(lam, dtype=rewards.dtype).expand(B, H)
+    gamma = torch.as_tensor(gamma, dtype=rewards.dtype, device=rewards.device).expand(B, H)
+    lam = torch.as_tensor(lam, dtype=rewards.dtype, device=rewards.device).expand(B, H)
     adv = torch.zeros_like(rewards)
     next_value = bootstrap.to(rewards.dtype)
-    next_adv = torch.zeros(B, dtype=rewards.dtype)
+    next_adv = rewards.new_zeros(B)
     for h in range(H - 1, -1, -1):
         m = mask[:, h]
         delta = rewards[:, h] + gamma[:, h] * next_value - values[:, h]
@@ -103,11 +116,11 @@ def _gae_closed_form(
     """A_h = sum_{k >= h} (gamma lam)^(k - h) delta_k, as delta @ D with D[k, h] = c^(k-h)."""
     B, H = rewards.shape
     lengths = mask.sum(1, keepdim=True)
-    pos = torch.arange(H).unsqueeze(0)
+    pos = torch.arange(H, device=rewards.device).unsqueeze(0)
     next_values = torch.cat([values[:, 1:], values.new_zeros(B, 1)], dim=1)
     next_values = torch.where(pos == lengths - 1, bootstrap.to(values.dtype).unsqueeze(1), next_values)
     delta = torch.where(mask, rewards + gamma * next_values - values, 0)
-    k = torch.arange(H, dtype=rewards.dtype)
+    k = torch.arange(H, dtype=rewards.dtype, device=rewards.device)
     gap = k.unsqueeze(1) - k.unsqueeze(0)  # gap[k, h] = k - h
     discount = torch.where(gap >= 0, (gamma * lam) ** gap.clamp(min=0), 0).to(rewards.dtype)
     adv = delta @ discount
@@ -140,7 +153,7 @@ def discounted_returns(
 ) -> torch.Tensor:
     """G_t = r_t + gamma G_{t+1} over each trajectory, G after the last step = 0.  (B, T)."""
     zeros = torch.zeros_like(rewards)
-    returns, _ = _gae(rewards, zeros, mask, torch.zeros(rewards.shape[0]), gamma, 1.0)
+    returns, _ = _gae(rewards, zeros, mask, rewards.new_zeros(rewards.shape[0]), gamma, 1.0)
     return returns
 
 
@@ -187,33 +200,45 @@ def token_gae(
 def _group_stats(
     x: torch.Tensor, index: torch.Tensor, num: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-member group count, sum, and unbiased std of x over members sharing `index` (M,)."""
-    count = torch.zeros(num, dtype=x.dtype).index_add_(0, index, torch.ones_like(x))
-    total = torch.zeros(num, dtype=x.dtype).index_add_(0, index, x)
+    """Per-member group count, sum, and unbiased std (Bessel) of x over members sharing
+    `index` (M,); group ids must be < `num` (unused ids are empty groups)."""
+    count = x.new_zeros(num).index_add_(0, index, torch.ones_like(x))
+    total = x.new_zeros(num).index_add_(0, index, x)
     mean = total / count.clamp(min=1)
-    sq = torch.zeros(num, dtype=x.dtype).index_add_(0, index, (x - mean[index]) ** 2)
+    sq = x.new_zeros(num).index_add_(0, index, (x - mean[index]) ** 2)
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
     return count[index], total[index], std[index]
 
 
-def grpo(outcomes: torch.Tensor, group: torch.Tensor, normalize_std: bool = True) -> torch.Tensor:
+def grpo(
+    outcomes: torch.Tensor,
+    group: torch.Tensor,
+    normalize_std: bool = True,
+    num_groups: int | None = None,
+) -> torch.Tensor:
     """GRPO: A_i = (R_i - mean_g R) / (std_g R + eps) within each task group.  (B,) -> (B,).
 
-    A group of one or a group with equal outcomes gives 0 (no relative signal), never NaN.
-    ``normalize_std=False`` drops the division (Dr. GRPO).
+    std_g is the unbiased (Bessel) group std, the rule `whiten` uses too. A group of one or a
+    group with equal outcomes gives 0 (no relative signal), never NaN. ``normalize_std=False``
+    drops the division (Dr. GRPO). Group ids must be < `num_groups` (default B: every group
+    has a member).
     """
     if outcomes.numel() == 0:
         return outcomes.clone()
-    count, total, std = _group_stats(outcomes, group, int(group.max()) + 1)
+    num = outcomes.shape[0] if num_groups is None else num_groups
+    count, total, std = _group_stats(outcomes, group, num)
     centred = torch.where(count > 1, outcomes - total / count, 0)
     return centred / (std + 1e-6) if normalize_std else centred
 
 
-def rloo(outcomes: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """RLOO: A_i = R_i - mean of the other members' outcomes.  (B,) -> (B,); 0 for a lone member."""
+def rloo(outcomes: torch.Tensor, group: torch.Tensor, num_groups: int | None = None) -> torch.Tensor:
+    """RLOO: A_i = R_i - mean of the other members' outcomes.  (B,) -> (B,); 0 for a lone member.
+
+    Group ids must be < `num_groups` (default B)."""
     if outcomes.numel() == 0:
         return outcomes.clone()
-    count, total, _ = _group_stats(outcomes, group, int(group.max()) + 1)
+    num = outcomes.shape[0] if num_groups is None else num_groups
+    count, total, _ = _group_stats(outcomes, group, num)
     others = (total - outcomes) / (count - 1).clamp(min=1)
     return torch.where(count > 1, outcomes - others, 0)
 
@@ -225,13 +250,15 @@ def gigpo_step_term(
 
     Steps that share a canonical environment state within a task group form a group; a step
     with no anchor (-1) or alone in its group gets 0.  (S,), (S,) -> (S,).
+
+    Anchor ids must be < S (dense ids over the anchored steps, as `StepBatch` assigns them).
+    Unanchored steps are put in a spare group S of their own (so they never touch a real
+    group's statistics) and then zeroed: no data-dependent indexing.
     """
-    out = torch.zeros_like(step_returns)
+    S = step_returns.shape[0]
     has = anchor >= 0
-    if not bool(has.any()):
-        return out
-    out[has] = grpo(step_returns[has], anchor[has], normalize_std)
-    return out
+    ids = torch.where(has, anchor, S)
+    return torch.where(has, grpo(step_returns, ids, normalize_std, num_groups=S + 1), 0)
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -272,14 +299,24 @@ def estimate_credit(
         bootstrap: (B,) V(next state) of truncated trajectories (ignored where terminated);
             zeros if omitted.
         whiten_mode: ``"step"`` whitens over steps (each step once, whatever its length),
-            ``"token"`` over action tokens (long steps weigh more), None leaves them.
+            ``"token"`` over action tokens (long steps weigh more), None leaves them; both
+            with the unbiased std (see module doc). ``"step"`` needs one advantage per step,
+            so it is refused for the token-level estimators (`TOKEN_ESTIMATORS`).
+
+    All tensors are created on the batch's device (see module doc).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     if whiten_mode not in WHITEN_MODES:
         raise ValueError(f"whiten_mode must be one of {WHITEN_MODES}, got {whiten_mode!r}")
+    if whiten_mode == "step" and estimator in TOKEN_ESTIMATORS:
+        raise ValueError(
+            f"whiten_mode='step' with the token-level estimator {estimator!r} would replace every "
+            "token's advantage by its step's first token's; use whiten_mode='token' or None"
+        )
     B = batch.num_trajectories
-    boot = torch.zeros(B) if bootstrap is None else bootstrap.float()
+    dtype = batch.rewards.dtype
+    boot = batch.rewards.new_zeros(B) if bootstrap is None else bootstrap.to(dtype)
     boot = torch.where(batch.terminated, 0.0, boot)
     step_mask = batch.step_mask
     rewards = batch.steps_to_padded(batch.rewards)
@@ -317,7 +354,7 @@ def estimate_credit(
             if estimator == "token_gae":
                 values, tok_boot, tok_lam = batch.tokens_to_padded(token_values), boot, lam
             else:
-                values, tok_boot, tok_lam = torch.zeros_like(tok_rewards), torch.zeros(B), 1.0
+                values, tok_boot, tok_lam = torch.zeros_like(tok_rewards), boot.new_zeros(B), 1.0
             adv, ret = token_gae(
                 tok_rewards, values, batch.token_mask, step_end, tok_boot, gamma, tok_lam, token_discount
             )
@@ -326,7 +363,7 @@ def estimate_credit(
         if estimator == "reinforce_pp_baseline" and B:
             # Subtract the group's mean trajectory return from every token's return-to-go.
             start_return = token_adv[first_tok[batch.step_slots[:, 0]]]
-            count, total, _ = _group_stats(start_return, batch.group, int(batch.group.max()) + 1)
+            count, total, _ = _group_stats(start_return, batch.group, B)
             token_adv = token_adv - (total / count)[batch.token_traj]
         # A step's advantage is its first token's (the advantage of the state s_t).
         step_adv = token_adv[first_tok]

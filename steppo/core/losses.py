@@ -10,6 +10,9 @@ steps or trajectories is a stated choice, not an accident of row counts (spec §
   their step, then steps averaged; every step weighs the same whatever its length.
 * ``trajectory-mean``: tokens averaged within a step, steps within a trajectory, then
   trajectories; every trajectory weighs the same whatever its number of steps.
+
+Device-safe: tensors are created on the inputs' device and nothing reads data back to the host
+(counts are tensors or come from shapes), so the losses run on CPU, GPU and `meta` alike.
 """
 
 from __future__ import annotations
@@ -31,46 +34,61 @@ def segment_mean(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> t
 
 
 def aggregation_weights(
-    mode: str, token_step: torch.Tensor, step_traj: torch.Tensor
+    mode: str,
+    token_step: torch.Tensor,
+    step_traj: torch.Tensor,
+    num_trajectories: int | None = None,
 ) -> torch.Tensor:
     """(N,) weights summing to 1 over the mini-batch's action tokens (see module doc).
 
-    Args: token_step (N,) step of each token; step_traj (S,) trajectory of each step.
+    Args: token_step (N,) step of each token; step_traj (S,) trajectory of each step;
+    num_trajectories: a bound on the trajectory ids (ids < num_trajectories), default S (every
+    trajectory of a `StepBatch` has a step). Counts stay tensors on the inputs' device (no
+    host sync); the weights are float32 on that device.
     """
     N = token_step.shape[0]
+    device = token_step.device
+    ones = torch.ones(N, device=device)
     if N == 0:
-        return torch.zeros(0, device=token_step.device)
-    ones = torch.ones(N, device=token_step.device)
+        return ones
     if mode == "token-mean":
         return ones / N
     S = step_traj.shape[0]
-    step_len = torch.zeros(S, device=ones.device).index_add_(0, token_step, ones)
+    step_len = torch.zeros(S, device=device).index_add_(0, token_step, ones)
+    has_tokens = step_len > 0
     if mode == "step-mean":
-        num_steps = int((step_len > 0).sum())
+        num_steps = has_tokens.sum()
         return 1.0 / (step_len[token_step] * num_steps)
     if mode == "trajectory-mean":
-        has_tokens = step_len > 0
-        B = int(step_traj.max()) + 1
-        steps_in_traj = torch.zeros(B, device=ones.device).index_add_(
-            0, step_traj, has_tokens.float()
-        )
-        num_traj = int((steps_in_traj > 0).sum())
+        B = S if num_trajectories is None else num_trajectories
+        steps_in_traj = torch.zeros(B, device=device).index_add_(0, step_traj, has_tokens.to(ones.dtype))
+        num_traj = (steps_in_traj > 0).sum()
         traj = step_traj[token_step]
         return 1.0 / (step_len[token_step] * steps_in_traj[traj] * num_traj)
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
 def ratio_units(
-    level: str, token_step: torch.Tensor, token_traj: torch.Tensor
+    level: str,
+    token_step: torch.Tensor,
+    token_traj: torch.Tensor,
+    num_steps: int | None = None,
+    num_trajectories: int | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """(N,) unit id per token that shares one importance ratio, and the number of units."""
+    """(N,) unit id per token that shares one importance ratio, and the size of the id range.
+
+    The size is a bound for `segment_mean` (ids < size; unused ids are empty units): the
+    number of steps / trajectories when given (a `StepBatch` knows them from its shapes),
+    otherwise N (every unit holds a token, so there are at most N). It never reads the data,
+    so no device sync.
+    """
     N = token_step.shape[0]
     if level == "token":
         return torch.arange(N, device=token_step.device), N
     if level == "step":
-        return token_step, int(token_step.max()) + 1 if N else 0
+        return token_step, N if num_steps is None else num_steps
     if level == "trajectory":
-        return token_traj, int(token_traj.max()) + 1 if N else 0
+        return token_traj, N if num_trajectories is None else num_trajectories
     raise ValueError(f"unknown ratio level {level!r}; choose one of {RATIO_LEVELS}")
 
 
@@ -88,22 +106,30 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate with one importance ratio per unit (token, step or trajectory).
 
-    For unit u with tokens i: log w_u = mean_i (log pi(a_i) - log pi_old(a_i)), clamped to
-    +-log_ratio_clamp; w_u = exp(log w_u) (the length-normalised geometric mean of the token
-    ratios; the plain token ratio when units are tokens). Each token carries the value w_u with
-    the gradient of its own log-prob, w_u * grad log pi(a_i), so a step-mean aggregation gives
-    exactly the gradient of the per-step objective (spec §4):
+    For unit u with tokens i: log r_u = mean_{i in u} (log pi(a_i) - log pi_old(a_i)), clamped
+    to +-log_ratio_clamp; r_u = exp(log r_u) (the length-normalised geometric mean of the token
+    ratios; the plain token ratio when units are tokens). The objective is
 
-        loss_i = max(-A_i w_u, -A_i clip(w_u, 1 - clip_low, 1 + clip_high))
+        loss = sum_i w_i loss_i,  loss_i = max(-A_i r_u, -A_i clip(r_u, 1 - clip_low, 1 + clip_high))
         dual clip (A_i < 0): loss_i = min(loss_i, -A_i * dual_clip)
 
-    Args: logprobs, old_logprobs, advantages, weights, units (N,). Returns the loss
-    ``sum_i w_i loss_i`` and detached statistics (each a weighted mean over the tokens).
+    and its gradient is the exact autograd gradient: r_u is a differentiable function of all
+    of the unit's tokens, so token j of unit u receives
+    ``(r_u / |u|) * sum_{i in u} w_i dloss_i/dr_u * grad log pi(a_j)`` for every pairing of
+    ratio level and aggregation (with a step ratio, step-mean weights and a step-constant
+    advantage this is ``w_j dloss_j/dr_u r_u grad log pi(a_j)``, the per-step objective of
+    spec §4). A unit's tokens must all be in the call (micro-batches keep steps and
+    trajectories whole). Where the log-ratio clamp binds, r_u is constant and the unit gets no
+    gradient.
+
+    Args: logprobs, old_logprobs, advantages, weights, units (N,); num_units: a bound on the
+    unit ids (see `ratio_units`). Returns the loss and detached statistics (each a weighted
+    mean over the tokens).
     """
     token_log_ratio = logprobs - old_logprobs
-    unit_log_ratio = segment_mean(token_log_ratio.detach(), units, num_units)
+    unit_log_ratio = segment_mean(token_log_ratio, units, num_units)
     log_ratio = unit_log_ratio[units].clamp(-log_ratio_clamp, log_ratio_clamp)
-    ratio = torch.exp(log_ratio + logprobs - logprobs.detach())
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
@@ -141,8 +167,8 @@ def staleness_weights(
     unit's tokens. Weights multiply the advantages (positive, so ``min(r A, clip(r) A) w`` is
     the clipped objective on ``A w``). With no staleness both policies agree and ``w = 1``.
 
-    Args: proximal_logprobs, behaviour_logprobs, units: (N,) per action token; units from
-    `ratio_units`.
+    Args: proximal_logprobs, behaviour_logprobs, units: (N,) per action token; units and the
+    id bound num_units from `ratio_units`.
     """
     log_w = segment_mean((proximal_logprobs - behaviour_logprobs).float(), units, num_units)
     return torch.exp(log_w).clamp(max=cap)[units]
@@ -193,7 +219,8 @@ def value_loss(
     """
     M = values.shape[0]
     if weights is None:
-        weights = torch.full((M,), 1.0 / max(M, 1), device=values.device)
+        dtype = torch.promote_types(values.dtype, torch.float32)  # at least float32 (bf16 values)
+        weights = torch.full((M,), 1.0 / max(M, 1), dtype=dtype, device=values.device)
     err = (values - returns) ** 2
     if clip is not None:
         clipped_v = old_values + torch.clamp(values - old_values, -clip, clip)
@@ -202,7 +229,7 @@ def value_loss(
         clip_frac = (weights * (err_clipped > err).float()).sum().detach()
     else:
         per = err
-        clip_frac = torch.zeros((), device=values.device)
+        clip_frac = torch.zeros((), dtype=weights.dtype, device=values.device)
     loss = 0.5 * (weights * per).sum()
     return loss, {"clip_frac": clip_frac}
 

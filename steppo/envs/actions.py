@@ -43,6 +43,8 @@ def parse_tool_call(text: str, tools: dict[str, dict] | None = None) -> ToolCall
         payload = json.loads(body)
     except json.JSONDecodeError as exc:
         return MalformedAction(f"the tool call is not valid JSON ({exc.msg} at char {exc.pos})")
+    except RecursionError:  # e.g. '[[[[...' thousands deep: the model's fault, not the environment's
+        return MalformedAction("the tool call's JSON is nested too deeply")
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
         return MalformedAction('the tool call must be a JSON object with a string "name"')
     args = payload.get("arguments", {})
@@ -51,6 +53,8 @@ def parse_tool_call(text: str, tools: dict[str, dict] | None = None) -> ToolCall
             args = json.loads(args)
         except json.JSONDecodeError:
             return MalformedAction('"arguments" is a string that is not valid JSON')
+        except RecursionError:
+            return MalformedAction('"arguments" is a JSON string nested too deeply')
     if not isinstance(args, dict):
         return MalformedAction('"arguments" must be a JSON object')
     name = payload["name"]

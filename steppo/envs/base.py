@@ -11,11 +11,17 @@ raw response text::
 ``info`` keys the engine reads (all optional): ``success`` (bool, episode solved), ``score``,
 ``invalid_action`` (bool: malformed or inadmissible action), ``anchor`` (canonical environment
 state key, for GiGPO; never the rendered prompt), ``admissible`` (list of valid commands).
+
+The engine checks every result at this boundary (`checked_reset`, `checked_transition`): a
+``None`` or non-string observation, a non-finite or non-numeric reward, a wrong return type
+or an exception ends that episode as ``env_error`` with the reason, never the run.
 """
 
 from __future__ import annotations
 
 import abc
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,6 +33,12 @@ SPLITS = ("train", "dev", "test")
 
 class EnvError(RuntimeError):
     """An environment that cannot be built or used (missing package, data or bad settings)."""
+
+
+class EnvOutputError(EnvError):
+    """An environment returned something that is not a valid reset/step result (a ``None``
+    observation, a non-finite reward, a tuple of the wrong length...). The engine ends the
+    episode as ``env_error`` with this message; the run goes on."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,46 @@ class Transition(NamedTuple):
     terminated: bool
     truncated: bool
     info: dict[str, Any]
+
+
+def checked_reset(out: Any, env_name: str = "env") -> tuple[str, dict[str, Any]]:
+    """`out` of ``env.reset`` if it is ``(observation: str, info: dict)``, else `EnvOutputError`."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise EnvOutputError(f"{env_name}: reset() must return (observation, info), got {_describe(out)}")
+    observation, info = out
+    if not isinstance(observation, str):
+        raise EnvOutputError(f"{env_name}: reset() returned a {_describe(observation)} observation (expected str)")
+    if not isinstance(info, dict):
+        raise EnvOutputError(f"{env_name}: reset() returned {_describe(info)} as info (expected dict)")
+    return observation, info
+
+
+def checked_transition(out: Any, env_name: str = "env") -> Transition:
+    """The step boundary: `out` of ``env.step`` as a `Transition` (a plain 5-tuple is accepted),
+    or `EnvOutputError` naming what is wrong. A non-finite reward is rejected here, so it never
+    reaches credit assignment (one NaN reward would make every advantage, loss and weight NaN)."""
+    if not isinstance(out, tuple) or len(out) != 5:
+        raise EnvOutputError(f"{env_name}: step() must return a Transition (observation, reward, terminated, "
+                             f"truncated, info), got {_describe(out)}")
+    observation, reward, terminated, truncated, info = out
+    if not isinstance(observation, str):
+        raise EnvOutputError(f"{env_name}: step() returned a {_describe(observation)} observation (expected str)")
+    if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+        raise EnvOutputError(f"{env_name}: step() returned {_describe(reward)} as reward (expected a number)")
+    if not math.isfinite(float(reward)):
+        raise EnvOutputError(f"{env_name}: non-finite reward {float(reward)} from step()")
+    if not isinstance(info, dict):
+        raise EnvOutputError(f"{env_name}: step() returned {_describe(info)} as info (expected dict)")
+    return Transition(observation, float(reward), bool(terminated), bool(truncated), info)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, tuple):
+        return f"a tuple of length {len(value)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
 @dataclass

@@ -23,8 +23,12 @@ Context policies (how step t+1's prompt is built):
   compression); the prompt is built fresh each step.
 
 A prompt that leaves no room for ``max_new_tokens`` within ``context_limit`` ends the episode
-as truncated (reason ``context_overflow``), never a crash. An environment that raises or
-exceeds ``step_timeout_s`` ends its episode as truncated (``env_error`` / ``env_timeout``).
+as truncated (reason ``context_overflow``), never a crash. An environment that raises,
+returns an invalid result (a ``None`` observation, a non-finite reward, a wrong type: see
+`steppo.envs.base.checked_transition`) or exceeds ``step_timeout_s`` ends its episode
+(``env_error`` / ``env_timeout``). Such failed episodes are not outcomes of the policy: they
+are left out of `RolloutResult.trajectories` (never trained on: the failed step has no real
+reward) and of the success rates, and counted apart (``env_failures``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from steppo.core.records import Step, Trajectory
-from steppo.envs.base import EnvSettings, Task, TextEnv, Transition
+from steppo.envs.base import EnvOutputError, EnvSettings, Task, TextEnv, Transition, checked_reset, checked_transition
 from steppo.models.chat import ChatFormat
 from steppo.models.generation import Sample
 from steppo.rollout.workers import EnvWorker, WorkerPool
@@ -49,6 +53,7 @@ from steppo.rollout.workers import EnvWorker, WorkerPool
 CONTEXTS = ("cumulative", "window", "env")
 WORKER_STARTUP_S = 300.0  # longest a replacement worker may take to start before its call times out
 SCHEDULES = ("continuous", "rounds")
+FAILED = ("env_error", "env_timeout")  # end reasons of episodes the environment failed (not outcomes)
 
 
 class RolloutError(RuntimeError):
@@ -115,7 +120,7 @@ class RolloutSettings:
     backend: str = "local"
     vllm_gpu_memory_utilization: float = 0.4
     step_timeout_s: float = 60.0
-    schedule: str = "continuous"
+    schedule: str = "rounds"
     kv_cache: bool = True
     bootstrap_time_limit: bool = False
 
@@ -174,20 +179,29 @@ class RolloutResult:
     env_calls: list[tuple[float, float, int]]  # (start, end, episode) of every env call
     generation_calls: list[tuple[float, float]]
 
+    @property
+    def failed(self) -> list[Episode]:
+        """Episodes the environment failed (``env_error`` / ``env_timeout``)."""
+        return [e for e in self.episodes if e.end_reason in FAILED]
+
     def metrics(self, prefix: str = "rollout/") -> dict[str, float]:
+        """Rates over all episodes, except success: over the episodes the environment did not
+        fail (``success`` is NaN when it failed them all); failures are ``env_failures``."""
         eps = self.episodes
         n = max(len(eps), 1)
         steps = sum(len(e.steps) for e in eps)
         reasons = Counter(e.end_reason for e in eps)
+        valid = [e for e in eps if e.end_reason not in FAILED]
         out = {
             f"{prefix}episodes": float(len(eps)),
-            f"{prefix}success": sum(e.success for e in eps) / n,
+            f"{prefix}success": sum(e.success for e in valid) / len(valid) if valid else float("nan"),
             f"{prefix}steps_mean": steps / n,
             f"{prefix}truncated_frac": sum(e.end_reason != "terminated" for e in eps) / n,
             f"{prefix}invalid_action_frac": sum(e.invalid_actions for e in eps) / max(steps, 1),
             f"{prefix}malformed_action_frac": sum(e.malformed_actions for e in eps) / max(steps, 1),
             f"{prefix}response_truncated_frac": sum(s.response_truncated for e in eps for s in e.steps) / max(steps, 1),
             f"{prefix}env_failures": float(reasons["env_error"] + reasons["env_timeout"]),
+            f"{prefix}env_failure_frac": (reasons["env_error"] + reasons["env_timeout"]) / n,
             f"{prefix}context_overflows": float(reasons["context_overflow"]),
             f"{prefix}generated_tokens": float(self.generated_tokens),
             f"{prefix}generation_tokens_per_s": self.generated_tokens / max(self.generation_s, 1e-9),
@@ -225,6 +239,7 @@ class RolloutEngine:
         self.max_steps = env_settings.max_steps
         self.max_new_tokens = settings.max_new_tokens or env_settings.max_new_tokens
         self.stop_ids = set(stop_ids or ()) | {chat.end_of_turn_id}
+        self.env_name = str(getattr(env_factory, "name", "env"))
         self.pool = WorkerPool(env_factory, settings.num_envs, settings.env_workers,
                                settings.ray_address, settings.ray_cpus_per_env)
         self._env_calls: list[tuple[float, float, int]] = []
@@ -330,12 +345,24 @@ class RolloutEngine:
                 exc = fut.exception()
                 if exc is not None:
                     self._fail(ep, "env_error", f"{type(exc).__name__}: {exc}", replace=True)
-                elif method == "reset":
-                    self._on_reset(ep, *fut.result(), ready=ready)
-                elif method == "step_and_render":
-                    self._on_step(ep, *fut.result(), ready=ready)
+                    continue
+                try:  # the step boundary: a bad result ends this episode, not the run
+                    out = fut.result()
+                    if method == "reset":
+                        args = (*checked_reset(out, self.env_name), None)
+                    elif method == "step_and_render":
+                        if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[1], str):
+                            raise EnvOutputError(f"{self.env_name}: step_and_render() must return (Transition, str)")
+                        args = (checked_transition(out[0], self.env_name), out[1])
+                    else:
+                        args = (checked_transition(out, self.env_name), None)
+                except EnvOutputError as bad:
+                    self._fail(ep, "env_error", f"EnvOutputError: {bad}", replace=False)
+                    continue
+                if method == "reset":
+                    self._on_reset(ep, *args[:2], ready=ready)
                 else:
-                    self._on_step(ep, fut.result(), None, ready=ready)
+                    self._on_step(ep, *args, ready=ready)
             elif now >= deadline and not fut.running() and now < start + WORKER_STARTUP_S:
                 # the call has not started: its worker (a fresh process or actor) is still
                 # starting up, which does not count against the environment's step timeout
@@ -434,7 +461,9 @@ class RolloutEngine:
     # ------------------------------------------------------------------ records
 
     def _trajectory(self, ep: Episode) -> Trajectory | None:
-        if not ep.steps:
+        """The episode as training data; None without steps, or when the environment failed it
+        (its last step has no real reward, and a bootstrap would credit the crash)."""
+        if not ep.steps or ep.end_reason in FAILED:
             return None
         return Trajectory(
             steps=ep.steps,

@@ -6,8 +6,11 @@ worker and collects a future, so a slow environment delays only its own episode.
 * ``thread`` workers (default) suit environments that release the GIL or are quick
   (TextWorldExpress talks to a JVM; compass is pure Python).
 * ``process`` workers suit environments that are not thread-safe or hold the GIL for long
-  (ALFWorld's TextWorld/PDDL engine): each instance runs in a spawned child process, so they
-  step in parallel on several cores, and a hung one is killed rather than abandoned.
+  (ALFWorld's TextWorld/PDDL engine): each instance runs in its own fresh interpreter
+  (`steppo.rollout.envproc`: it imports only the environment, not torch or transformers), so
+  they step in parallel on several cores, a hung one is killed rather than abandoned, and
+  every one exits when the trainer dies (even by ``kill -9``). Start-up (interpreter,
+  imports, building the environment) does not count against ``step_timeout_s``.
 * ``ray`` workers run each instance in a Ray actor (``pip install 'steppo[ray]'``): hundreds
   of environments spread over a cluster's nodes (``rollout.ray_address``: ``auto`` joins a
   running cluster, unset starts a local one), each actor reserving
@@ -20,9 +23,11 @@ one (a thread cannot be killed: it is a daemon and stays parked; a process is te
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import subprocess
+import sys
 import threading
-import traceback
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -83,51 +88,41 @@ class EnvFailure(RuntimeError):
     """An exception raised inside a worker process, with its traceback text."""
 
 
-def _child(factory: Callable[[], TextEnv], conn) -> None:
-    env = None
-    conn.send(("ready", None))  # imports are done: calls from now on are the environment's time
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            break
-        if msg is None:
-            break
-        method, args = msg
-        try:
-            if env is None:
-                env = factory()
-            conn.send(("ok", getattr(env, method)(*args)))
-        except BaseException as exc:  # noqa: BLE001
-            conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
-    if env is not None:
-        try:
-            env.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
 class ProcessEnvWorker(_QueuedWorker):
-    """One environment instance in a spawned child process; same interface as `EnvWorker`.
-
-    The factory must be picklable (`steppo.envs.registry.EnvFactory` is).
+    """One environment instance in a child interpreter (``python -m steppo.rollout.envproc``);
+    same interface as `EnvWorker`. The factory must be picklable
+    (`steppo.envs.registry.EnvFactory` is); its classes must be importable by module name.
     """
 
-    _ctx = mp.get_context("spawn")
-
     def __init__(self, factory: Callable[[], TextEnv], name: str = "env-process"):
-        self._conn, child_conn = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child, args=(factory, child_conn), name=name, daemon=True)
-        self._proc.start()
-        child_conn.close()
+        self._conn, child_conn = mp.Pipe()  # a socket pair
+        fd = child_conn.fileno()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "steppo.rollout.envproc", str(fd), str(os.getpid())],
+                pass_fds=(fd,), stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child_conn.close()
+        self.pid = self._proc.pid
         self._failed: EnvFailure | None = None
+        try:
+            self._conn.send(list(sys.path))  # so the child finds what the parent imports
+            self._conn.send(factory)
+        except (OSError, BrokenPipeError):
+            pass  # the child died at once: reported by the first call
+        except Exception:
+            self._kill()
+            raise  # a factory that does not pickle: a clear error at construction
         super().__init__(self._forward, f"{name}-io")
 
     def _forward(self) -> None:
         try:  # calls stay pending (not running) until the child has started
-            self._conn.recv()
+            status, payload = self._conn.recv()
+            if status != "ready":
+                self._failed = EnvFailure(f"environment process could not build the environment: {payload}")
         except (EOFError, OSError) as exc:
-            self._failed = EnvFailure(f"environment process did not start: {exc!r}")
+            self._failed = EnvFailure(f"environment process did not start (exit code {self._proc.poll()}): {exc!r}")
         while True:
             item = self._calls.get()
             if item is None:
@@ -156,11 +151,19 @@ class ProcessEnvWorker(_QueuedWorker):
             self._conn.send(None)
         except (OSError, BrokenPipeError):
             pass
-        self._proc.join(timeout=1.0)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(timeout=1.0)
+        try:
+            self._proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self._kill()
         self._conn.close()
+
+    def _kill(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 _RAY_ACTOR = None

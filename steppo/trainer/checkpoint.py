@@ -5,40 +5,68 @@ Layout of ``<run>/checkpoints/iter_000040/``::
 
     policy/               Hugging Face model dir (or LoRA adapter dir) + tokenizer
     critic.safetensors    critic decoder + value head (when there is a critic)
-    trainer_state.pt      iteration, policy version, optimiser and RNG states
+    trainer_state.pt      iteration, policy version, optimiser and RNG states (tensors, numbers,
+                          lists and dicts only: read with ``torch.load(weights_only=True)``, so a
+                          crafted file cannot run code)
+    manifest.json         written last: iteration, run id, and size + SHA-256 of every file
+
+`find_resumable` takes the newest checkpoint whose manifest matches its files and whose state
+loads, and says why it skipped any newer one (truncated file, missing state, refused pickle).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+FORMAT = 2
+PREFIX = "iter_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (incomplete, corrupted, refused)."""
+
+
+# ----------------------------------------------------------------------------- RNG state
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors, numbers and lists (no arbitrary objects)."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(keys), gauss],
+        "numpy": [str(name), torch.from_numpy(np.asarray(np_keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np_keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- files
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -50,19 +78,102 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> dict[str, Path]:
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def iteration_of(path: Path) -> int | None:
+    """The iteration in a checkpoint directory's name (``iter_000040`` -> 40)."""
+    if not path.name.startswith(PREFIX):
+        return None
+    try:
+        return int(path.name[len(PREFIX):])
+    except ValueError:
+        return None
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories under `root`, newest iteration first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None]
+    return sorted(found, key=iteration_of, reverse=True)
+
+
+def remove_stale_tmp(root: Path) -> list[Path]:
+    """Delete leftovers of interrupted saves (``.tmp-*`` directories, ``.latest.*`` files)."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-") or p.name.startswith(f".{LATEST}."):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def verify(path: Path, run_id: str | None = None) -> str | None:
+    """None when the checkpoint is complete and intact; otherwise what is wrong with it."""
+    if not (path / MANIFEST).exists():
+        return f"no {MANIFEST} (the save was interrupted, or an older StepPO wrote it)"
+    manifest = read_manifest(path)
+    if manifest is None or not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST} is unreadable"
+    if run_id is not None and manifest.get("run_id") not in (None, run_id):
+        return f"it belongs to another run (run id {manifest.get('run_id')})"
+    if STATE not in manifest["files"]:
+        return f"no {STATE} listed"
+    for rel, want in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != want.get("size"):
+            return f"{rel} is {size} bytes, the manifest says {want.get('size')} (truncated?)"
+        if _sha256(f) != want.get("sha256"):
+            return f"{rel} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
 def save_checkpoint(
-    root: Path, iteration: int, policy_model, tokenizer, critic, state: dict[str, Any], keep: int
+    root: Path, iteration: int, policy_model, tokenizer, critic, state: dict[str, Any], keep: int,
+    run_id: str | None = None,
 ) -> Path:
-    """Save and return ``root/iter_XXXXXX``; keep the `keep` newest."""
+    """Save and return ``root/iter_XXXXXX``; keep the `keep` newest of this run's checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter_{iteration:06d}"
+    remove_stale_tmp(root)
+    final = root / f"{PREFIX}{iteration:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         policy_model.save_pretrained(tmp / "policy")
         tokenizer.save_pretrained(tmp / "policy")
         if critic is not None:
             save_model(critic, str(tmp / "critic.safetensors"))
-        torch.save({**state, "rng": rng_state()}, tmp / "trainer_state.pt")
+        torch.save({**state, "rng": rng_state()}, tmp / STATE)
+        manifest = {
+            "format": FORMAT, "iteration": iteration, "run_id": run_id,
+            "files": {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in _files(tmp).items()},
+        }
+        _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: marks it complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -70,21 +181,69 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_text_atomic(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("iter_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep, run_id, final)
     return final
 
 
+def prune(root: Path, keep: int, run_id: str | None, newest: Path) -> None:
+    """Delete this run's checkpoints older than the `keep` newest by recorded iteration
+    (never `newest`, never a directory whose manifest names another run)."""
+    own = []
+    for p in checkpoints(root):
+        manifest = read_manifest(p)
+        if manifest is None or not isinstance(manifest.get("iteration"), int):
+            continue
+        if run_id is not None and manifest.get("run_id") not in (None, run_id):
+            continue
+        own.append((manifest["iteration"], p))
+    own.sort(key=lambda item: item[0], reverse=True)
+    for _, p in own[keep:]:
+        if p != newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    marker = root / LATEST
-    if not marker.exists():
-        return None
-    path = root / marker.read_text().strip()
-    return path if (path / "trainer_state.pt").exists() else None
+    """The newest complete checkpoint (manifest present and state file listed); see `verify`
+    for the full check."""
+    for p in checkpoints(root):
+        manifest = read_manifest(p)
+        if manifest is not None and STATE in manifest.get("files", {}) and (p / STATE).exists():
+            return p
+    return None
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """The trainer state, unpickled with ``weights_only=True`` (tensors, numbers, strings,
+    lists, tuples and dicts only: anything else is refused, nothing is executed)."""
+    try:
+        return torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for refused globals, RuntimeError/EOFError for torn files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{STATE} was refused or is unreadable ({type(exc).__name__}: {first[:200]})") from exc
+
+
+def find_resumable(root: Path, say: Callable[[str], None] = print,
+                   run_id: str | None = None) -> tuple[Path | None, dict[str, Any] | None, list[Path]]:
+    """The newest checkpoint that verifies and whose state loads, its state, and the newer
+    checkpoints skipped on the way (each reported through `say`)."""
+    skipped = []
+    for p in checkpoints(root):
+        problem = verify(p, run_id)
+        state = None
+        if problem is None:
+            try:
+                state = load_trainer_state(p)
+            except CheckpointError as exc:
+                problem = str(exc)
+        if problem is None and not (isinstance(state, dict) and state.get("iteration") == iteration_of(p)):
+            problem = f"{STATE} does not hold the state of iteration {iteration_of(p)}"
+        if problem is None:
+            if skipped:
+                say(f"falling back to the newest intact checkpoint: {p}")
+            return p, state, skipped
+        say(f"checkpoint {p} is unusable: {problem}")
+        skipped.append(p)
+    return None, None, skipped
 
 
 def load_critic(critic, path: Path) -> None:

@@ -19,18 +19,25 @@ class RunLog:
     """Writes ``metrics.jsonl`` and forwards scalars to the configured trackers."""
 
     def __init__(self, out_dir: Path, trackers: list[str], config: dict[str, Any],
-                 wandb_project: str = "steppo", mlflow_uri: str | None = None, resume_after: int | None = None):
+                 wandb_project: str = "steppo", mlflow_uri: str | None = None, resume_after: int | None = None,
+                 say=lambda *_: None):
+        """`resume_after`: the iteration a resumed run continues after: records of later
+        iterations (written after that checkpoint) and a torn last line are dropped, so
+        iterations never repeat (-1: drop every record, the run starts again)."""
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
         self.samples_path = out_dir / "samples.jsonl"
         if resume_after is not None:
-            self._truncate(self.metrics_path, resume_after)
-            self._truncate(self.samples_path, resume_after)
+            for path in (self.metrics_path, self.samples_path):
+                note = self._truncate(path, resume_after)
+                if note:
+                    say(note)
         self._tb = self._wandb = self._mlflow = None
         if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            purge = None if resume_after is None else max(resume_after + 1, 0)  # drop events of replayed iterations
+            self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
         if "wandb" in trackers:
             import wandb
 
@@ -47,16 +54,37 @@ class RunLog:
             mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
 
     @staticmethod
-    def _truncate(path: Path, last_iteration: int) -> None:
-        """Drop records written after the checkpoint we resume from."""
+    def _truncate(path: Path, last_iteration: int) -> str | None:
+        """Drop records written after the checkpoint we resume from, and lines that are not
+        whole JSON records (a write cut short by a kill or a full disk); what was dropped."""
         if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) <= last_iteration]
-        path.write_text("".join(line + "\n" for line in kept))
+            return None
+        raw = path.read_bytes().decode("utf-8", errors="replace")
+        kept, later, torn = [], 0, 0
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if not isinstance(record, dict) or record.get("iteration", -1) > last_iteration:
+                later += 1
+                continue
+            kept.append(line)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        notes = []
+        if torn:
+            notes.append(f"{torn} torn line{'s' if torn > 1 else ''} (an interrupted write)")
+        if later:
+            notes.append(f"{later} record{'s' if later > 1 else ''} after iteration {last_iteration}")
+        return f"{path.name}: dropped {' and '.join(notes)}" if notes else None
 
     def log(self, metrics: dict[str, Any]) -> None:
-        record = {k: _clean(v) for k, v in metrics.items()}
+        record = dict(metrics)  # NaN/inf stay NaN/Infinity (json allow_nan): a failure is not a missing value
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step = int(metrics.get("iteration", 0))

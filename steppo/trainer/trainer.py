@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +25,10 @@ import numpy as np
 import torch
 import yaml
 
-from steppo.config import Config, ConfigError
+from steppo.config import Config, ConfigError, preflight
 from steppo.core.batch import StepBatch, input_tokens
-from steppo.core.losses import ratio_units, staleness_weights
 from steppo.core.records import Trajectory
-from steppo.envs.base import Task, TextEnv
+from steppo.envs.base import EnvError, Task, TextEnv, checked_reset, checked_transition
 from steppo.envs.registry import env_factory
 from steppo.models.build import Models, build_models, load_reference, resolve_base_model
 from steppo.models.policy import resolve_device, save_merged
@@ -38,9 +39,12 @@ from steppo.trainer import distributed as dist_lib
 from steppo.trainer.sft import behaviour_cloning, expert_trajectories
 from steppo.trainer.tracking import RunLog
 from steppo.trainer.update import (
+    NonFiniteError,
+    NonFiniteGuard,
     Optimiser,
     UpdateSettings,
     compute_credit,
+    correct_staleness,
     critic_metrics,
     ppo_update,
     score_batch,
@@ -58,29 +62,73 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class EnvCorpusError(EnvError, ConfigError):
+    """The environment failed on its own tasks while the tokenizer corpus was built (before any
+    training): a refused start, like a config error, naming the environment, task and call."""
+
+
 def env_corpus(env: TextEnv, tasks: list[Task], limit: int | None = None) -> list[str]:
     """Text a tokenizer for this environment should know: prompts, expert actions and the
     observations they lead to (on the first `limit` training tasks, default the environment's
-    `corpus_tasks`)."""
+    `corpus_tasks`).
+
+    An environment that raises or returns an invalid result here (on its own training tasks
+    and expert actions) is refused with `EnvCorpusError` naming the environment, the task and
+    the call: the tokenizer is built once per run, so skipping tasks would silently change it,
+    and an environment that cannot replay its expert actions would fail SFT and rollouts too.
+    """
+    name = getattr(env, "name", type(env).__name__)
     texts = [env.instructions()]
     for task in tasks[: limit or env.corpus_tasks]:
-        obs, _ = env.reset(task)
-        texts.append(obs)
-        for action in env.expert_actions(task) or []:
-            texts.append(action)
-            result = env.step(action)
-            texts.append(result.observation)
-            if result.terminated or result.truncated:
-                break
+        call = "reset()"
+        try:
+            obs, _ = checked_reset(env.reset(task), name)
+            texts.append(obs)
+            for i, action in enumerate(env.expert_actions(task) or []):
+                call = f"step({action!r}) (expert action {i})"
+                texts.append(action)
+                result = checked_transition(env.step(action), name)
+                texts.append(result.observation)
+                if result.terminated or result.truncated:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any failure: a clear error naming env and task
+            raise EnvCorpusError(
+                f"environment {name!r} failed on training task {task.id!r} while building the tokenizer corpus, "
+                f"in {call}: {type(exc).__name__}: {exc}"
+            ) from exc
     return texts
 
 
 class Trainer:
     """Owns the models, optimisers, rollout engine and run directory of one run."""
 
-    def __init__(self, config: Config, resume: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, config: Config, resume: bool = False, log: Callable[[str], None] = print,
+                 overwrite: bool = False):
+        """`resume`: continue the run in ``run.output_dir`` from its newest intact checkpoint
+        (the config should be the run's own, see `steppo.config.resume_config`); `overwrite`:
+        delete the run already in ``run.output_dir`` first. Without either, a directory that
+        holds a run is refused (one run per directory)."""
         self.cfg = config.validate()
         self.out = Path(self.cfg.run.output_dir)
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in run.output_dir and --overwrite deletes it; pass one")
+        main = os.environ.get("RANK", "0") == "0"  # the process group does not exist yet
+        fresh = main and not resume and not run_files(self.out)
+        if main:
+            prepare_run_dir(self.out, resume, overwrite, log)
+        preflight(self.cfg)
+        existed = self.out.exists()
+        try:
+            self._init(resume, log)
+        except BaseException:
+            if fresh or (main and overwrite):  # a failed start leaves nothing behind: the fixed command can run here
+                for name in run_files(self.out):
+                    _remove(self.out / name)
+                if not existed and self.out.is_dir() and not any(self.out.iterdir()):
+                    self.out.rmdir()
+            raise
+
+    def _init(self, resume: bool, log: Callable[[str], None]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         strategy = dist_lib.resolve_strategy(self.cfg.trainer.parallel, launched)
@@ -99,7 +147,13 @@ class Trainer:
             raise ValueError("training and evaluation splits share tasks")
         algo = self.cfg.algo
         m = self.cfg.model
-        resume_from = ckpt.latest_checkpoint(self.out / "checkpoints") if resume else None
+        self.run_id = self._run_id(rank == 0)
+        resume_from, state = None, None
+        if resume:
+            resume_from, state, broken = ckpt.find_resumable(self.out / "checkpoints", self.say,
+                                                             self.run_id if rank == 0 else None)
+            if rank == 0:
+                self._clean_for_resume(resume_from, broken)
         if strategy != "none" and self.cfg.trainer.async_rollout and world > 1:
             raise ConfigError("trainer.async_rollout runs on one process for now (its rollout thread and the "
                               "update would issue collectives concurrently); use trainer.parallel=none")
@@ -116,8 +170,6 @@ class Trainer:
             if world > 1 and turn == 0:
                 dist_lib.Distributed(rank, world).barrier()
         self.sft_dir = self.out / "sft_model"  # the warm-started policy: KL reference of the run
-        if resume and resume_from is None:
-            self.say(f"no checkpoint under {self.out / 'checkpoints'}; starting fresh")
         self.models: Models = build_models(
             m, base_path=base, with_critic=algo.critic, shared_critic=self.cfg.critic.shared,
             with_reference=algo.uses_reference, temperature=self.cfg.rollout.temperature,
@@ -125,6 +177,7 @@ class Trainer:
             reference_path=self.sft_dir if (self.sft_dir / "config.json").exists() else None,
         )
         self.pad_id = self.models.tokenizer.pad_token_id
+        self._check_first_prompt()
         if resume_from is not None and self.models.critic is not None:
             ckpt.load_critic(self.models.critic, resume_from)
         # FSDP: generation and checkpoints use full copies made before sharding
@@ -152,12 +205,13 @@ class Trainer:
         self.env_steps = 0
         self.sft_done = False
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from, state)
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             self.runlog = RunLog(
                 self.out, self.cfg.run.trackers, self.cfg.to_dict(), self.cfg.run.wandb_project,
-                self.cfg.run.mlflow_uri, resume_after=self.iteration if resume_from else None,
+                self.cfg.run.mlflow_uri, say=self.say,
+                resume_after=self.iteration if resume_from else (-1 if resume else None),
             )
         else:
             self.runlog = _NoLog()
@@ -183,9 +237,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _restore(self, path: Path) -> None:
+    def _run_id(self, main: bool) -> str | None:
+        """This run's id (``run.json``), recorded in every checkpoint's manifest so pruning and
+        resuming only ever touch the run's own checkpoints."""
+        path = self.out / "run.json"
+        try:
+            return json.loads(path.read_text())["run_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            if not main:
+                return None
+        run_id = uuid.uuid4().hex
+        path.write_text(json.dumps({"run_id": run_id}) + "\n")
+        return run_id
+
+    def _clean_for_resume(self, resume_from: Path | None, broken: list[Path]) -> None:
+        """Rank 0, resuming: drop what an interrupted attempt left (temporary checkpoint
+        directories, checkpoints that failed verification); with no intact checkpoint at all,
+        start the run again from iteration 0 (its records are cleared by `RunLog`)."""
+        root = self.out / "checkpoints"
+        for p in ckpt.remove_stale_tmp(root):
+            self.say(f"removed {p} (left by an interrupted save)")
+        for p in broken:
+            manifest = ckpt.read_manifest(p) or {}
+            if manifest.get("run_id") not in (None, self.run_id):
+                continue  # not this run's: leave it alone
+            shutil.rmtree(p, ignore_errors=True)
+            self.say(f"removed unusable checkpoint {p}")
+        if resume_from is None:
+            self.say(f"no intact checkpoint under {root}: starting this run again from iteration 0 with its "
+                     f"config (clearing metrics.jsonl, samples.jsonl and tensorboard/ of the interrupted attempt)")
+            (root / ckpt.LATEST).unlink(missing_ok=True)
+            shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
+        elif root.joinpath(ckpt.LATEST).exists() and (root / ckpt.LATEST).read_text().strip() != resume_from.name:
+            (root / ckpt.LATEST).write_text(resume_from.name)
+
+    def _check_first_prompt(self) -> None:
+        """A context limit that leaves no room for the first prompt would end every episode
+        before its first action (and train on nothing): refused before any work."""
+        task = self.train_tasks[0]
+        observation, _ = self.env.reset(task)
+        prompt = self.models.chat.initial_prompt(self.env.instructions(), observation)
+        budget = self.cfg.rollout.max_new_tokens or self.env.settings.max_new_tokens
+        limit = self.cfg.rollout.context_limit
+        if len(prompt) + budget > limit:
+            raise ConfigError(
+                f"rollout.context_limit={limit} is too small: the first prompt of training task {task.id!r} is "
+                f"{len(prompt)} tokens and a response needs {budget} more (rollout.max_new_tokens), so every "
+                f"episode would end before its first action; set rollout.context_limit >= {len(prompt) + budget}"
+            )
+
+    def _restore(self, path: Path, state: dict | None = None) -> None:
         """Trainer state of a checkpoint (weights were loaded before wrapping the models)."""
-        state = ckpt.load_trainer_state(path)
+        state = ckpt.load_trainer_state(path) if state is None else state
         self.iteration = state["iteration"]
         self.policy_version = state["policy_version"]
         self.env_steps = state["env_steps"]
@@ -223,7 +326,7 @@ class Trainer:
         if self.dist.is_main:
             path = ckpt.save_checkpoint(
                 self.out / "checkpoints", self.iteration, policy_model, self.models.tokenizer,
-                critic, state, self.cfg.trainer.keep_checkpoints,
+                critic, state, self.cfg.trainer.keep_checkpoints, run_id=self.run_id,
             )
         self.dist.barrier()
         return path
@@ -260,8 +363,15 @@ class Trainer:
         result = self.rollout(self.eval_tasks, [t.id for t in self.eval_tasks],
                               f"eval-{tag}-{'greedy' if greedy else 'sampled'}", greedy=greedy)
         prefix = "eval/" if greedy else "eval_sampled/"
-        metrics = result.metrics(prefix)
+        metrics: dict[str, Any] = result.metrics(prefix)
         metrics[f"{prefix}score"] = float(np.mean([t.total_reward for t in result.trajectories])) if result.trajectories else 0.0
+        failed, n = len(result.failed), len(result.episodes)
+        metrics[f"{prefix}valid"] = not eval_invalid(failed, n)
+        if not metrics[f"{prefix}valid"]:  # not a score: most episodes never got a fair run
+            metrics[f"{prefix}success"] = metrics[f"{prefix}score"] = float("nan")
+            self.say(f"warning: evaluation {tag} ({'greedy' if greedy else 'sampled'}) is not valid: "
+                     f"{failed} of {n} episodes failed in the environment (env_error/env_timeout; first error: "
+                     f"{result.failed[0].error})")
         return metrics
 
     def warm_start(self) -> dict[str, Any]:
@@ -305,10 +415,17 @@ class Trainer:
         """
         cfg, algo = self.cfg, self.cfg.algo
         stale = cfg.trainer.async_rollout
-        trajs = result.trajectories
+        trajs = result.trajectories  # without the episodes the environment failed
         t1 = time.perf_counter()
         metrics: dict[str, Any] = {"iteration": it}
         metrics.update(result.metrics("rollout/"))
+        # Group estimators compare a task's episodes with each other: a group missing a failed
+        # episode would be normalised over the rest, so the whole group is left out.
+        failed_groups = {e.group_id for e in result.failed} if algo.group_size > 1 else set()
+        if failed_groups:
+            trajs = [t for t in trajs if t.group_id not in failed_groups]
+        metrics["rollout/groups_dropped"] = float(len(failed_groups))
+        metrics["rollout/episodes_dropped"] = float(len(result.episodes) - len(trajs))
         steps = sum(len(t.steps) for t in trajs)
         self.env_steps += sum(len(e.steps) for e in result.episodes)
         metrics["env_steps"] = self.env_steps
@@ -322,11 +439,11 @@ class Trainer:
             drift = float((scored.logprobs - batch.old_logprobs).abs().max())
             credit = compute_credit(algo, batch, scored)
             if stale:
-                # behaviour policy (rollout log-probs) vs proximal policy (this update's start)
+                # behaviour policy (rollout log-probs) vs proximal policy (this update's start):
+                # advantages times the truncated weight, ratio against the proximal policy
                 lag = [self.policy_version - s.policy_version for t in trajs for s in t.steps]
-                units, n_units = ratio_units(algo.ratio_level, batch.token_step, batch.token_traj)
-                w = staleness_weights(scored.logprobs, batch.old_logprobs, units, n_units, cfg.trainer.is_truncation)
-                credit.token_advantages = credit.token_advantages * w
+                w = correct_staleness(algo, batch, scored, credit, cfg.trainer.is_truncation,
+                                      cfg.trainer.old_logprobs)
                 metrics["async/staleness_mean"] = float(np.mean(lag))
                 metrics["async/staleness_max"] = float(max(lag))
                 metrics["async/is_weight_mean"] = float(w.mean())
@@ -341,8 +458,12 @@ class Trainer:
                 train_policy=it > self.cfg.critic.warmup_iterations or not algo.critic,
             )
             rng = random.Random(derived_seed(cfg.run.seed, "minibatch", it))
+            guard = self.__dict__.setdefault("nonfinite_guard", NonFiniteGuard(cfg.trainer.max_nonfinite_updates))
+            guard.iteration = it
             metrics.update(ppo_update(self.models, algo, settings, trajs, batch, scored, credit,
-                                      self.policy_opt, self.critic_opt, rng, self.pad_id, dist=self.dist))
+                                      self.policy_opt, self.critic_opt, rng, self.pad_id, dist=self.dist,
+                                      guard=guard))
+            self._check_finite_weights(it)
             metrics.update(critic_metrics(credit, scored, algo))
             metrics["credit/advantage_mean"] = float(credit.step_advantages.mean())
             metrics["credit/advantage_std"] = float(credit.step_advantages.std()) if steps > 1 else 0.0
@@ -373,6 +494,21 @@ class Trainer:
         metrics["policy_version"] = self.policy_version
         self.iteration = it
         return metrics
+
+    def _check_finite_weights(self, it: int) -> None:
+        """Refuse to go on (and so ever to save) with non-finite policy or critic weights."""
+        bad = []
+        for label, module in (("policy", self.models.policy), ("critic", self.models.critic)):
+            if module is None:
+                continue
+            for name, p in module.named_parameters():
+                t = p.detach()
+                t = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 shard
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{label}.{name}")
+        if self.dist.max_int(len(bad)) > 0:
+            raise NonFiniteError(f"iteration {it}: non-finite weights after the update ({', '.join(bad[:3]) or 'on another rank'}"
+                                 f"{'...' if len(bad) > 3 else ''}); stopping without saving them")
 
     # ------------------------------------------------------------------ asynchronous rollout
 
@@ -434,7 +570,7 @@ class Trainer:
             self.runlog.log({"iteration": 0, "env_steps": 0, **before, **{k: v for k, v in summary.items() if k.startswith(("sft/", "time/"))}})
             for mode in ("eval", "eval_sampled"):
                 if f"{mode}/success" in before:
-                    summary[f"{mode}/success_before"] = before[f"{mode}/success"]
+                    summary[f"{mode}/success_before"] = _success(before, mode)
             self.say(f"held-out success before RL: {self._describe(before)}")
         if cfg.trainer.async_rollout:
             self._train_async(progress, summary)
@@ -442,7 +578,7 @@ class Trainer:
             self._after_update(self.train_iteration(), progress, summary)
         for mode in ("eval", "eval_sampled"):
             if f"{mode}/success" in summary.get("last", {}):
-                summary[f"{mode}/success_after"] = summary["last"][f"{mode}/success"]
+                summary[f"{mode}/success_after"] = _success(summary["last"], mode)
         if "last" in summary:
             self.say(f"held-out success after RL: {self._describe(summary['last'])}")
         return summary
@@ -514,9 +650,13 @@ class Trainer:
         return self.iteration >= self.cfg.trainer.iterations or (budget > 0 and self.env_steps >= budget)
 
     def _describe(self, metrics: dict) -> str:
-        parts = [f"{metrics['eval/success']:.3f} greedy"]
+        def fmt(mode: str) -> str:
+            v = _success(metrics, mode)
+            return v if isinstance(v, str) else f"{v:.3f}"
+
+        parts = [f"{fmt('eval')} greedy"]
         if "eval_sampled/success" in metrics:
-            parts.append(f"{metrics['eval_sampled/success']:.3f} sampled (T={self.cfg.rollout.temperature})")
+            parts.append(f"{fmt('eval_sampled')} sampled (T={self.cfg.rollout.temperature})")
         return ", ".join(parts) + f" on {len(self.eval_tasks)} {self.cfg.env.eval_split} episodes"
 
     def close(self) -> None:
@@ -525,6 +665,54 @@ class Trainer:
         if self.dist.strategy != "none" and torch.distributed.is_initialized():
             self.dist.barrier()  # no rank tears the group down while another is still in a collective
             torch.distributed.destroy_process_group()
+
+
+def eval_invalid(failed: int, episodes: int) -> bool:
+    """An evaluation is not a score when more than half its episodes failed in the environment."""
+    return episodes > 0 and failed * 2 > episodes
+
+
+def _success(metrics: dict, mode: str) -> float | str:
+    """The held-out success of `mode` (eval / eval_sampled), or, for an evaluation that is not
+    valid, the text ``n/a (k of n episodes failed in the environment)``."""
+    if metrics.get(f"{mode}/valid", True):
+        return metrics[f"{mode}/success"]
+    k, n = int(metrics[f"{mode}/env_failures"]), int(metrics[f"{mode}/episodes"])
+    return f"n/a ({k} of {n} episodes failed in the environment)"
+
+
+# What makes a directory a run's (other files, e.g. a comparison's protocol.yaml, are left alone).
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "base_model",
+             "sft_model", "tensorboard", "wandb")
+
+
+def run_files(out: Path) -> list[str]:
+    """The run files present in `out` (empty: no run there)."""
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, say: Callable[[str], None]) -> None:
+    """One run per directory: a new run into a directory holding another one is refused
+    (it would reuse that run's tokenizer and mix metrics and checkpoints) unless `overwrite`,
+    which deletes the old run's files first."""
+    found = run_files(out)
+    if resume or not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"run.output_dir={out} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+            f"--overwrite to delete it and start again, or choose another run.output_dir"
+        )
+    say(f"--overwrite: deleting the previous run in {out}: {', '.join(found)}")
+    for name in found:
+        _remove(out / name)
 
 
 class _NoLog:

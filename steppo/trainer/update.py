@@ -6,11 +6,14 @@
 3. epochs over mini-batches of whole trajectories; each mini-batch is split into micro-batches
    by model-input tokens; every loss uses weights computed once for the whole mini-batch, so
    gradient accumulation is exact (see `steppo.core.losses`);
-4. gradient-norm clipping and one optimiser step per mini-batch.
+4. gradient-norm clipping and one optimiser step per mini-batch; a mini-batch whose loss or
+   gradient norm is not finite skips its optimiser step (gradients zeroed, counted as
+   ``update/skipped_nonfinite``), and `NonFiniteGuard` stops the run after too many in a row.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,12 +29,40 @@ from steppo.core.losses import (
     kl_loss,
     policy_loss,
     ratio_units,
+    staleness_weights,
     value_loss,
 )
 from steppo.core.records import Trajectory
 from steppo.models.build import Models
 from steppo.models.policy import autocast
 from steppo.trainer.distributed import Distributed, assign
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: the loss or gradient norm was not finite too many optimiser steps
+    in a row, or the weights themselves became non-finite (nothing was saved with them)."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive optimiser steps skipped for a non-finite loss or gradient norm (over
+    mini-batches and iterations); the `limit`-th in a row raises `NonFiniteError`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.streak = 0
+        self.iteration: object = None
+
+    def record(self, finite: bool, what: str) -> None:
+        if finite:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"iteration {self.iteration}: {self.streak} optimiser steps in a row had a non-finite {what}; "
+                f"stopping before any non-finite weights are used or saved (trainer.max_nonfinite_updates="
+                f"{self.limit}); the last checkpoint is intact"
+            )
 
 
 @dataclass
@@ -169,11 +200,45 @@ def compute_credit(algo: AlgorithmConfig, batch: StepBatch, scored: Scored) -> C
     )
 
 
+def ratio_denominator(mode: str, batch: StepBatch, scored: Scored) -> torch.Tensor:
+    """(N,) log-probs the clipped ratio is taken against: ``recompute`` = the trainer's own
+    scores at the start of the update (the proximal policy), ``rollout`` = the sampler's."""
+    if mode not in ("recompute", "rollout"):
+        raise ValueError(f"old_logprobs must be recompute or rollout, got {mode!r}")
+    return scored.logprobs if mode == "recompute" else batch.old_logprobs
+
+
+def correct_staleness(algo: AlgorithmConfig, batch: StepBatch, scored: Scored, credit: Credit, cap: float,
+                      old_logprobs: str = "recompute") -> torch.Tensor:
+    """Decoupled PPO for a stale (asynchronous) batch; returns the weights w (N,).
+
+    The advantages are multiplied by w = min(pi_prox / pi_behaviour, cap) per ratio unit (see
+    `steppo.core.losses.staleness_weights`) and the update's ratio is taken against the
+    proximal policy (``old_logprobs=recompute``), so at theta = theta_prox the gradient is
+    w * A * grad log pi for either sign of A. Against the behaviour policy (``rollout``) the
+    staleness would be corrected twice, so that is refused.
+    """
+    if old_logprobs != "recompute":
+        raise ValueError(
+            "asynchronous training weights the advantages by pi_prox / pi_behaviour already: the "
+            f"ratio must be taken against the proximal policy (old_logprobs=recompute), got {old_logprobs!r}"
+        )
+    units, n_units = ratio_units(algo.ratio_level, batch.token_step, batch.token_traj,
+                                 batch.num_steps, batch.num_trajectories)
+    w = staleness_weights(scored.logprobs, batch.old_logprobs, units, n_units, cap)
+    credit.token_advantages = credit.token_advantages * w
+    return w
+
+
 def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, trajs: Sequence[Trajectory],
                batch: StepBatch, scored: Scored, credit: Credit, policy_opt: "Optimiser",
                critic_opt: "Optimiser | None",
-               rng: random.Random, pad_id: int, dist: Distributed | None = None) -> dict[str, float]:
-    """Epochs of clipped updates; returns mean statistics over optimiser steps.
+               rng: random.Random, pad_id: int, dist: Distributed | None = None,
+               guard: NonFiniteGuard | None = None) -> dict[str, float]:
+    """Epochs of clipped updates; returns mean statistics over optimiser steps (NaN where a
+    skipped step's were), with ``update/skipped_nonfinite`` (steps skipped for a non-finite
+    loss or gradient norm: gradients zeroed, weights untouched; `guard` stops the run after
+    too many in a row) and ``update/optimiser_steps``.
 
     Under `dist` (see `steppo.trainer.distributed`) every rank runs the same global mini-batch
     schedule on its token-balanced share of each mini-batch, with the mini-batch's weights, so
@@ -183,11 +248,11 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
     dist = dist or Distributed(policy=models.policy, critic=models.critic)
     policy, critic = dist.policy, dist.critic
     shared_critic = models.critic is not None and models.critic.shared
-    old_lp = scored.logprobs if settings.old_logprobs == "recompute" else batch.old_logprobs
+    old_lp = ratio_denominator(settings.old_logprobs, batch, scored)
     token_critic = algo.critic_level == "token"
     old_values = scored.token_values if token_critic else scored.step_values
     sums: dict[str, float] = {}
-    n_updates = 0
+    n_updates = skipped = 0
     policy.train()
     tok_pos = torch.full((batch.num_tokens,), -1, dtype=torch.long)
     for _ in range(settings.epochs):
@@ -199,7 +264,8 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
             tok_pos[mb_toks] = torch.arange(len(mb_toks))  # global token index -> mini-batch position
             sub = StepBatch.from_trajectories([trajs[i] for i in mb])
             weights = aggregation_weights(algo.aggregation, sub.token_step, sub.step_traj)
-            units, n_units = ratio_units(algo.ratio_level, sub.token_step, sub.token_traj)
+            units, n_units = ratio_units(algo.ratio_level, sub.token_step, sub.token_traj, sub.num_steps,
+                                         sub.num_trajectories)
             n_vals = len(mb_toks) if token_critic else len(mb_steps)
             stats: dict[str, float] = {}
             mine = assign(trajs, mb_units, dist.world, settings.layout)[dist.rank]
@@ -249,16 +315,34 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
                     (loss * scale).backward()
             if dist.active:
                 stats = _sum_over_ranks(dist, stats)
+            # every rank sees the same reduced losses and gradient norms, so all skip together
             if settings.train_policy:
-                stats["policy/grad_norm"] = policy_opt.step(settings.max_grad_norm)
+                stats["policy/grad_norm"] = policy_opt.clip(settings.max_grad_norm)
             else:
                 policy_opt.zero_grad()
             if critic_opt is not None:
-                stats["critic/grad_norm"] = critic_opt.step(settings.max_grad_norm)
+                stats["critic/grad_norm"] = critic_opt.clip(settings.max_grad_norm)
+            checked = ("policy/loss", "policy/grad_norm") if settings.train_policy else ()
+            bad = [k for k in checked + ("critic/loss", "critic/grad_norm") if k in stats and not math.isfinite(stats[k])]
+            if bad:
+                policy_opt.zero_grad()
+                if critic_opt is not None:
+                    critic_opt.zero_grad()
+                skipped += 1
+            else:
+                if settings.train_policy:
+                    policy_opt.apply()
+                if critic_opt is not None:
+                    critic_opt.apply()
+            if guard is not None:
+                guard.record(not bad, " and ".join(k.replace("/", " ").replace("_", " ") for k in bad))
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
-    return {k: v / max(n_updates, 1) for k, v in sums.items()}
+    out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+    out["update/skipped_nonfinite"] = float(skipped)
+    out["update/optimiser_steps"] = float(n_updates - skipped)
+    return out
 
 
 def _sum_over_ranks(dist: Distributed, stats: dict[str, float]) -> dict[str, float]:
@@ -284,15 +368,28 @@ class Optimiser:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
 
     def step(self, max_norm: float) -> float:
-        """Clip, step, zero; returns the gradient norm before clipping."""
+        """Clip, step, zero; returns the gradient norm before clipping. A non-finite norm
+        skips the step (gradients zeroed, weights and schedule untouched)."""
+        norm = self.clip(max_norm)
+        if math.isfinite(norm):
+            self.apply()
+        else:
+            self.zero_grad()
+        return norm
+
+    def clip(self, max_norm: float) -> float:
+        """Clip the gradients; their norm before clipping (NaN/inf: do not `apply`)."""
         params = [p for p in self.params if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")) if params else torch.zeros(())
         if hasattr(norm, "full_tensor"):  # FSDP2: the norm of sharded gradients is a DTensor
             norm = norm.full_tensor()
+        return float(norm)
+
+    def apply(self) -> None:
+        """The optimiser and schedule step on the clipped gradients, then zero them."""
         self.opt.step()
         self.sched.step()
         self.zero_grad()
-        return float(norm)
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)

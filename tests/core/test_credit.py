@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from steppo.core.batch import StepBatch
 from steppo.core.credit import (
     ESTIMATORS,
+    TOKEN_ESTIMATORS,
     discounted_returns,
     estimate_credit,
     grpo,
@@ -228,8 +229,9 @@ def test_step_whitening_counts_each_step_once_whatever_its_length():
         return estimate_credit(batch, "step_gae", step_values=T([0.0, 0.0]), whiten_mode="step")
 
     short, long_ = credit([1, 1]), credit([1, 100])
-    # Pre-whitening advantages [3, 2]: mean 2.5, population std 0.5.
-    torch.testing.assert_close(short.step_advantages, T([1.0, -1.0]), atol=1e-6, rtol=0)
+    # Pre-whitening advantages [3, 2]: mean 2.5, unbiased std sqrt((0.25 + 0.25) / 1) = 0.707107,
+    # so [0.5, -0.5] / 0.707107 = [0.707107, -0.707107].
+    torch.testing.assert_close(short.step_advantages, T([0.707107, -0.707107]), atol=1e-6, rtol=0)
     torch.testing.assert_close(long_.step_advantages, short.step_advantages)
     assert torch.all(long_.token_advantages[1:] == long_.step_advantages[1])
     tok = estimate_credit(
@@ -241,7 +243,56 @@ def test_step_whitening_counts_each_step_once_whatever_its_length():
 
 def test_whiten_single_entry_is_zero_not_nan():
     assert whiten(T([5.0]), T([True])).item() == 0.0
+    assert whiten(T([5.0, 7.0]), T([True, False])).tolist() == [0.0, 0.0]
     assert whiten(T([]), T([], dtype=torch.bool)).numel() == 0
+
+
+def test_whiten_uses_the_unbiased_std_hand_computed():
+    # [1, 2, 3, 4] (the 99 is masked out): mean 2.5, squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5,
+    # unbiased variance 5 / 3, std 1.290994: [-1.5, -0.5, 0.5, 1.5] / 1.290994.
+    out = whiten(T([1.0, 2.0, 99.0, 3.0, 4.0]), T([True, True, False, True, True]))
+    torch.testing.assert_close(out, T([-1.161895, -0.387298, 0.0, 0.387298, 1.161895]), atol=1e-6, rtol=0)
+
+
+def test_grpo_and_whitening_share_one_std_rule():
+    # One group [0, 1, 1, 4]: mean 1.5, deviations^2 2.25 + 0.25 + 0.25 + 6.25 = 9, unbiased std
+    # sqrt(9 / 3) = 1.732051; both normalisations give [-1.5, -0.5, -0.5, 2.5] / 1.732051.
+    x = T([0.0, 1.0, 1.0, 4.0])
+    expected = T([-0.866025, -0.288675, -0.288675, 1.443376])
+    torch.testing.assert_close(grpo(x, T([0, 0, 0, 0])), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whiten(x, torch.ones(4, dtype=torch.bool)), expected, atol=1e-5, rtol=0)
+    # broadcast's outcomes whitened per step equal GRPO when there is one group of one-step episodes
+    batch = StepBatch.from_trajectories([_traj([float(v)], tid=f"t{i}") for i, v in enumerate(x.tolist())])
+    torch.testing.assert_close(
+        estimate_credit(batch, "broadcast", whiten_mode="step").step_advantages,
+        estimate_credit(batch, "grpo").step_advantages, atol=1e-5, rtol=0,
+    )
+
+
+@pytest.mark.parametrize("estimator", TOKEN_ESTIMATORS)
+def test_step_whitening_of_token_level_advantages_is_refused(estimator):
+    batch = StepBatch.from_trajectories([_traj([0.0, 1.0], lengths=[2, 3], tid="a"), _traj([1.0], tid="b")])
+    kw = dict(token_values=0.1 * torch.arange(batch.num_tokens, dtype=torch.float32))
+    with pytest.raises(ValueError, match="whiten_mode='token' or None"):
+        estimate_credit(batch, estimator, whiten_mode="step", **kw)
+    for mode in ("token", None):
+        credit = estimate_credit(batch, estimator, whiten_mode=mode, gamma=0.5, **kw)
+        if estimator == "token_gae":  # A_i = R_t - V_i differs between the tokens of step 1
+            assert len(set(credit.token_advantages[2:5].tolist())) == 3
+
+
+@pytest.mark.parametrize("estimator", TOKEN_ESTIMATORS)
+def test_config_refuses_step_whitening_for_token_level_estimators(estimator):
+    from steppo.core.algorithms import ConfigError, preset
+
+    base = {"token_gae": "ppo", "reinforce_pp": "reinforce_pp", "reinforce_pp_baseline": "reinforce_pp_baseline"}
+    with pytest.raises(ConfigError, match=r"algo.whiten=step .* set algo.whiten=token or algo.whiten=null"):
+        preset(base[estimator], whiten="step")
+    with pytest.raises(ConfigError, match="algo.whiten=step"):
+        preset("steppo", estimator=estimator, critic=estimator == "token_gae",
+               group_size=8 if estimator == "reinforce_pp_baseline" else 1)
+    for mode in ("token", None):
+        assert preset(base[estimator], whiten=mode).whiten == mode
 
 
 # ----------------------------------------------------------------------------- all estimators
@@ -250,6 +301,7 @@ def test_whiten_single_entry_is_zero_not_nan():
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("whiten_mode", [None, "step", "token"])
 def test_every_estimator_is_finite_on_random_and_degenerate_batches(estimator, whiten_mode):
+    refused = whiten_mode == "step" and estimator in TOKEN_ESTIMATORS  # see test_step_whitening_..._refused
     cases = [
         make_batch(0, num=7, groups=3),
         make_batch(1, num=1, groups=1),  # group of one
@@ -258,15 +310,18 @@ def test_every_estimator_is_finite_on_random_and_degenerate_batches(estimator, w
     ]
     for trajs in cases:
         batch = StepBatch.from_trajectories(trajs)
-        credit = estimate_credit(
-            batch,
-            estimator,
+        kw = dict(
             step_values=torch.randn(batch.num_steps),
             token_values=torch.randn(batch.num_tokens),
             bootstrap=torch.randn(batch.num_trajectories),
             gamma=0.95,
             whiten_mode=whiten_mode,
         )
+        if refused:
+            with pytest.raises(ValueError, match="whiten_mode='step'"):
+                estimate_credit(batch, estimator, **kw)
+            continue
+        credit = estimate_credit(batch, estimator, **kw)
         assert credit.step_advantages.shape == (batch.num_steps,)
         assert credit.token_advantages.shape == (batch.num_tokens,)
         assert torch.isfinite(credit.step_advantages).all()
