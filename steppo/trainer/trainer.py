@@ -204,6 +204,8 @@ class Trainer:
         self.policy_version = 0
         self.env_steps = 0
         self.sft_done = False
+        # counts skipped non-finite optimiser steps in a row, across iterations
+        self.nonfinite_guard = NonFiniteGuard(self.cfg.trainer.max_nonfinite_updates)
         if resume_from is not None:
             self._restore(resume_from, state)
         if self.dist.is_main:
@@ -458,7 +460,7 @@ class Trainer:
                 train_policy=it > self.cfg.critic.warmup_iterations or not algo.critic,
             )
             rng = random.Random(derived_seed(cfg.run.seed, "minibatch", it))
-            guard = self.__dict__.setdefault("nonfinite_guard", NonFiniteGuard(cfg.trainer.max_nonfinite_updates))
+            guard = self.nonfinite_guard
             guard.iteration = it
             metrics.update(ppo_update(self.models, algo, settings, trajs, batch, scored, credit,
                                       self.policy_opt, self.critic_opt, rng, self.pad_id, dist=self.dist,
