@@ -243,3 +243,21 @@ def test_a_context_limit_below_the_first_prompt_is_refused_at_start(tmp_path, ca
     assert "rollout.context_limit=20 is too small: the first prompt of training task" in err
     assert "set rollout.context_limit >=" in err
     assert not out.exists()  # nothing left behind: the fixed command runs in the same directory
+
+
+def test_each_validation_records_every_held_out_tasks_outcome(tmp_path):
+    """evals.jsonl: one line per validation (before, interval, after) and mode, one outcome per
+    held-out task in order, agreeing with the success rate in metrics.jsonl."""
+    out = tmp_path / "run"
+    args = [*TINY, "trainer.iterations=2", "trainer.eval_episodes=5", "trainer.eval_sampled=true",
+            "trainer.eval_interval=1"]
+    assert main(["train", *args, f"run.output_dir={out}"]) == 0
+    lines = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["mode"]) for r in lines] == [
+        (i, m) for i in (0, 1, 2) for m in ("greedy", "sampled")]
+    metrics = {r["iteration"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    for r in lines:
+        assert len(r["outcomes"]) == 5 and set(r["outcomes"]) <= {"0", "1"}
+        assert r["first_task"] == "compass/dev/1000000"
+        key = "eval/success" if r["mode"] == "greedy" else "eval_sampled/success"
+        assert metrics[r["iteration"]][key] == pytest.approx(r["outcomes"].count("1") / 5)

@@ -32,7 +32,7 @@ from steppo.envs.base import EnvError, Task, TextEnv, checked_reset, checked_tra
 from steppo.envs.registry import env_factory
 from steppo.models.build import Models, build_models, load_reference, resolve_base_model
 from steppo.models.policy import resolve_device, save_merged
-from steppo.rollout.engine import RolloutEngine, RolloutResult
+from steppo.rollout.engine import FAILED, RolloutEngine, RolloutResult
 from steppo.rollout.local import LocalBackend
 from steppo.trainer import checkpoint as ckpt
 from steppo.trainer import distributed as dist_lib
@@ -368,6 +368,7 @@ class Trainer:
         metrics: dict[str, Any] = result.metrics(prefix)
         metrics[f"{prefix}score"] = float(np.mean([t.total_reward for t in result.trajectories])) if result.trajectories else 0.0
         failed, n = len(result.failed), len(result.episodes)
+        self._record_outcomes(tag, greedy, result)
         metrics[f"{prefix}valid"] = not eval_invalid(failed, n)
         if not metrics[f"{prefix}valid"]:  # not a score: most episodes never got a fair run
             metrics[f"{prefix}success"] = metrics[f"{prefix}score"] = float("nan")
@@ -375,6 +376,19 @@ class Trainer:
                      f"{failed} of {n} episodes failed in the environment (env_error/env_timeout; first error: "
                      f"{result.failed[0].error})")
         return metrics
+
+    def _record_outcomes(self, tag: Any, greedy: bool, result: RolloutResult) -> None:
+        """Append each held-out task's outcome to ``evals.jsonl`` (main process): one line per
+        validation, ``outcomes`` in `eval_tasks` order, ``1`` success, ``0`` failure, ``x`` an
+        episode the environment failed. Paired task-level statistics (`steppo compare`) read it."""
+        if not self.dist.is_main:
+            return
+        by_task = {e.task.id: ("x" if e.end_reason in FAILED else str(int(bool(e.success)))) for e in result.episodes}
+        line = {"iteration": 0 if tag == "before" else tag, "mode": "greedy" if greedy else "sampled",
+                "first_task": self.eval_tasks[0].id if self.eval_tasks else None,
+                "outcomes": "".join(by_task.get(t.id, "x") for t in self.eval_tasks)}
+        with (self.out / "evals.jsonl").open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def warm_start(self) -> dict[str, Any]:
         """SFT on expert trajectories of the training split (once per run)."""
@@ -684,7 +698,7 @@ def _success(metrics: dict, mode: str) -> float | str:
 
 
 # What makes a directory a run's (other files, e.g. a comparison's protocol.yaml, are left alone).
-RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "checkpoints", "base_model",
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "evals.jsonl", "samples.jsonl", "checkpoints", "base_model",
              "sft_model", "tensorboard", "wandb")
 
 
