@@ -4,7 +4,8 @@ Workload: 4,096 trajectories of 1-32 steps, 1-16 response tokens per step, spars
 rewards, groups of 8, a few anchor states per group. For each estimator it times
 `steppo.core.credit.estimate_credit` on a collated `StepBatch` (median of several repeats) and
 a straightforward reference that loops over trajectories in Python, the style of the paper's
-reference code, and checks that both give the same advantages (`max_abs_diff`).
+reference code, and checks that both give the same advantages (`max_abs_diff`). ``gae_ms``:
+the GAE loop alone at the sizes training runs (`gae_times`).
 
     python bench/credit.py [--trajectories 4096] [--repeats 5] [--seed 0]
 
@@ -14,6 +15,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -24,8 +26,9 @@ from collections import defaultdict
 
 import torch
 
+from steppo.core.algorithms import AlgorithmConfig
 from steppo.core.batch import StepBatch
-from steppo.core.credit import ESTIMATORS, estimate_credit
+from steppo.core.credit import ESTIMATORS, Values, estimate_credit, step_gae
 from steppo.core.records import Step, Trajectory
 
 GAMMA, LAM = 0.95, 0.9
@@ -161,6 +164,19 @@ def _median_time(fn, repeats):
     return statistics.median(times), result
 
 
+def gae_times(repeats: int) -> dict[str, float]:
+    """Milliseconds of `step_gae` (the backward loop) on (B, H) timelines at the sizes training
+    runs: batches of 32-512 trajectories, horizons up to 50 steps."""
+    out = {}
+    for B in (32, 128, 512):
+        for H in (16, 50):
+            r, v, boot = torch.randn(B, H), torch.randn(B, H), torch.randn(B)
+            mask = torch.arange(H) < torch.randint(1, H + 1, (B, 1))
+            seconds, _ = _median_time(functools.partial(step_gae, r, v, mask, boot, GAMMA, LAM), 5 * repeats)
+            out[f"B{B}_H{H}"] = round(seconds * 1e3, 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trajectories", type=int, default=4096)
@@ -176,16 +192,12 @@ def main() -> None:
     token_values = torch.randn(batch.num_tokens)
     boot = torch.randn(batch.num_trajectories)
     sv, tv, bl = step_values.tolist(), token_values.tolist(), boot.tolist()
+    scores = Values(step_values=step_values, token_values=token_values, bootstrap=boot)
     results = {}
     for est in ESTIMATORS:
-        vec_s, credit = _median_time(
-            lambda: estimate_credit(
-                batch, est, step_values=step_values, token_values=token_values,
-                bootstrap=boot, gamma=GAMMA, lam=LAM, normalize_std=True,
-            ),
-            args.repeats,
-        )
-        loop_s, ref = _median_time(lambda: loop_reference(trajs, est, sv, tv, bl), max(1, args.repeats // 2))
+        algo = AlgorithmConfig(estimator=est, gamma=GAMMA, lam=LAM, whiten=None, normalize_std=True)
+        vec_s, credit = _median_time(functools.partial(estimate_credit, batch, scores, algo), args.repeats)
+        loop_s, ref = _median_time(functools.partial(loop_reference, trajs, est, sv, tv, bl), max(1, args.repeats // 2))
         diff = float((credit.step_advantages - torch.tensor(ref)).abs().max())
         results[est] = {
             "vectorised_s": round(vec_s, 5),
@@ -204,6 +216,7 @@ def main() -> None:
                 "torch_threads": torch.get_num_threads(),
                 "machine": platform.machine(),
                 "estimators": results,
+                "gae_ms": gae_times(args.repeats),
             },
             indent=2,
         )

@@ -65,10 +65,9 @@ def compass_workload(seed: int = 0) -> list[Trajectory]:
     from steppo.envs.compass import CompassEnv
     from steppo.envs.registry import env_factory
     from steppo.models.build import build_models
-    from steppo.models.builtin import build_tiny
+    from steppo.models.builtin import build_tiny, env_corpus
     from steppo.rollout.engine import RolloutEngine, RolloutSettings
     from steppo.rollout.local import LocalBackend
-    from steppo.trainer.trainer import env_corpus
 
     env = CompassEnv()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +120,7 @@ def measure_memory(batch_file: str, layout: str | None, vocab: int) -> int:
     `layout` (None = load only)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
     code = (
-        "import pickle,re,sys; sys.path.insert(0, %r); import torch; torch.manual_seed(0)\n"
+        "import pickle,re,sys; sys.path.insert(0, %r); import torch; torch.manual_seed(0)\n"  # noqa: UP031
         "from packing import build_models, micro_batches, one_update\n"
         "trajs = pickle.load(open(%r, 'rb')); p, c = build_models(%d)\n"
         "layout = %r\n"

@@ -25,10 +25,9 @@ from steppo.config import EnvConfig, ModelConfig
 from steppo.envs.compass import CompassEnv
 from steppo.envs.registry import env_factory
 from steppo.models.build import build_models
-from steppo.models.builtin import build_tiny, smollm2_135m
+from steppo.models.builtin import build_tiny, env_corpus, smollm2_135m
 from steppo.rollout.engine import RolloutEngine, RolloutSettings
 from steppo.rollout.local import LocalBackend
-from steppo.trainer.trainer import env_corpus
 
 
 def play(models, episodes: int, kv_cache: bool, seed: int) -> dict:

@@ -16,4 +16,4 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q -c constraints.txt --no-deps -e .
   "$venv/bin/pip" install -q -c constraints.txt "transformers>=5.16.1,<5.20" rich pyyaml tensorboard bm25s gguf peft
 fi
-"$venv/bin/python" -m steppo.rollout.vllm_backend --check "${@:2}"
+"$venv/bin/python" "$(dirname "$0")/vllm_check.py" "${@:2}"

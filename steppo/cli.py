@@ -7,7 +7,11 @@
     steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
     steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
+    steppo config                                 # every key, its default and what it does (--yaml)
     torchrun --nproc_per_node 8 -m steppo.cli train --config ...  # DDP / FSDP (trainer.parallel)
+
+Heavy modules (torch, transformers) load inside the subcommands, so ``steppo --help`` and
+``steppo config`` start quickly.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     cp.add_argument("--out", help="results directory (default results/<protocol name>)")
     cp.add_argument("--runs", help="run directories (default runs/compare/<protocol name>)")
+    gp = sub.add_parser("config", help="list every config key with its default and what it does")
+    gp.add_argument("--yaml", action="store_true", help="print the defaults as a YAML config file instead")
     return p
 
 
@@ -157,12 +163,12 @@ def cmd_sft(args) -> int:
 
 def cmd_eval(args) -> int:
     from steppo.config import preflight
-    from steppo.evaluate import evaluate, format_table
+    from steppo.evaluate import evaluate_checkpoint, format_table
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg)
-    summary = evaluate(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
-                       split=args.split, episodes=args.episodes, greedy=not args.sampled)
+    summary = evaluate_checkpoint(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                                  split=args.split, episodes=args.episodes, greedy=not args.sampled)
     _console().print(format_table(summary))
     text = json.dumps(summary, indent=2)
     print(text)
@@ -180,10 +186,26 @@ def _quiet_libraries() -> None:
 
 
 def cmd_compare(args) -> int:
-    from steppo.compare import run_protocol, table
+    from steppo.compare import run_protocol
+    from steppo.report import table
 
     results = run_protocol(args.protocol, args.out, args.jobs, args.presets, args.seeds, args.runs, args.threads)
     print(table(results))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from steppo.config import defaults_yaml, describe, yaml_value
+
+    if args.yaml:
+        sys.stdout.write(defaults_yaml())
+        return 0
+    rows = [(key, yaml_value(value), text) for key, value, text in describe()]
+    width = max(len(key) for key, _, _ in rows)
+    shown = min(max(len(value) for _, value, _ in rows), 24)
+    print(f"{'key':<{width}}  {'default':<{shown}}  help")
+    for key, value, text in rows:
+        print(f"{key:<{width}}  {value:<{shown}}  {text}".rstrip())
     return 0
 
 
@@ -203,9 +225,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    _quiet_libraries()
+    if args.command != "config":  # config stays light (no transformers)
+        _quiet_libraries()
     try:
-        return {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare,
+                    "config": cmd_config}
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"steppo: config error: {exc}", file=sys.stderr)
         return 2

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,10 +37,7 @@ import yaml
 
 from steppo.config import ConfigError, load_config
 from steppo.core.algorithms import PRESETS
-
-
-# Presets whose MDP is step-level (spec §5): their per-step advantages are plotted by step index.
-STEP_LEVEL = ("steppo", "steppo_no_step_gae", "steppo_no_step_is", "gigpo", "lightningrl")
+from steppo.report import collect, write_results
 
 
 def load_protocol(path: str | Path) -> dict[str, Any]:
@@ -174,161 +169,3 @@ def _zero_shot(proto: dict, root: Path, starts: dict, threads: int) -> dict[str,
             _steppo(["eval", "--config", str(cfg), "--json", str(target)], root / "zero_shot" / f"seed{seed}.log", threads)
         rows[seed] = json.loads(target.read_text())
     return rows
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str, Any]:
-    runs: dict[str, dict[str, Any]] = {}
-    for preset in proto["presets"]:
-        runs[preset] = {}
-        for seed in proto["seeds"]:
-            records = _metrics(root / preset / f"seed{seed}")
-            evals = [r for r in records if r.get("eval/success") is not None]
-            adv_keys = sorted({k for r in records for k in r if k.startswith("credit/advantage_step")},
-                              key=lambda k: int(k.rsplit("step", 1)[1]))
-            runs[preset][str(seed)] = {
-                "curve": [{"iteration": r["iteration"], "env_steps": r.get("env_steps", 0),
-                           "success": r["eval/success"], "success_sampled": r.get("eval_sampled/success")}
-                          for r in evals],
-                "final_success": evals[-1]["eval/success"] if evals else None,
-                "final_success_sampled": evals[-1].get("eval_sampled/success") if evals else None,
-                "env_steps": records[-1].get("env_steps") if records else 0,
-                "iterations": records[-1].get("iteration") if records else 0,
-                "critic_loss": [{"env_steps": r["env_steps"], "loss": r["critic/loss"]}
-                                for r in records if r.get("critic/loss") is not None],
-                "advantage_by_step": [
-                    _mean([r[k] for r in records if r.get(k) is not None]) for k in adv_keys
-                ],
-                "wall_s": walls.get((preset, seed)),
-            }
-    return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
-            "base": proto["base"], "runs": runs, "zero_shot": zero}
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def table(results: dict[str, Any]) -> str:
-    rows = []
-    for preset in results["presets"]:
-        per = results["runs"][preset].values()
-        g = _mean_std([r["final_success"] for r in per])
-        smp = _mean_std([r["final_success_sampled"] for r in per])
-        steps = _mean_std([r["env_steps"] for r in per])
-        wall = _mean_std([r["wall_s"] for r in per])
-        rows.append((preset, g, smp, steps, wall))
-    best_g = max((r[1][0] for r in rows if not math.isnan(r[1][0])), default=None)
-    best_s = max((r[2][0] for r in rows if not math.isnan(r[2][0])), default=None)
-
-    def cell(ms: tuple[float, float], best: float | None) -> str:
-        if math.isnan(ms[0]):
-            return "-"
-        text = f"{ms[0]:.3f} ± {ms[1]:.3f}"
-        return f"**{text}**" if best is not None and abs(ms[0] - best) < 1e-12 else text
-
-    n = len(results["seeds"])
-    lines = [
-        f"| preset | held-out success, greedy (mean ± std, {n} seeds) | sampled | env steps | wall s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    if results.get("zero_shot"):
-        zs = list(results["zero_shot"].values())
-        lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - |")
-    for preset, g, smp, steps, wall in rows:
-        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {wall[0]:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_ms(ms: tuple[float, float]) -> str:
-    return "-" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
-
-
-def plots(results: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for preset in results["presets"]:
-        curves = [r["curve"] for r in results["runs"][preset].values() if r["curve"]]
-        if not curves:
-            continue
-        xs, ys = _mean_curve(curves, "success")
-        ax.plot(xs, ys, marker="o", ms=3, label=preset, lw=2.2 if preset == "steppo" else 1.2)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("held-out success (greedy, mean over seeds)")
-    ax.set_title(results["protocol"])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    written.append(_save(fig, out / "success.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for preset in results["presets"]:
-        runs = [r["critic_loss"] for r in results["runs"][preset].values() if r["critic_loss"]]
-        if not runs:
-            continue
-        ax.plot(*_mean_curve(runs, "loss"), label=preset)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("critic loss (mean over seeds)")
-    ax.set_title(f"{results['protocol']}: critic loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(_save(fig, out / "critic_loss.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for preset in results["presets"]:
-        if preset not in STEP_LEVEL:
-            continue
-        adv = [r["advantage_by_step"] for r in results["runs"][preset].values() if r["advantage_by_step"]]
-        if not adv:
-            continue
-        n = min(len(a) for a in adv)
-        ys = [statistics.mean(a[i] for a in adv if a[i] is not None) for i in range(n)]
-        ax.plot(range(n), ys, marker="o", ms=3, label=preset)
-    ax.set_xlabel("step index within the episode")
-    ax.set_ylabel("mean advantage (over iterations and seeds)")
-    ax.set_title(f"{results['protocol']}: advantage by step")
-    ax.axhline(0, color="k", lw=0.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    written.append(_save(fig, out / "advantage_by_step.png"))
-    return written
-
-
-def _mean_curve(series: list[list[dict]], key: str) -> tuple[list[float], list[float]]:
-    """Mean over seeds of `key` against environment steps, over the points every seed has."""
-    n = min(len(points) for points in series)
-    xs = [statistics.mean(points[i]["env_steps"] for points in series) for i in range(n)]
-    ys = [statistics.mean(points[i][key] for points in series) for i in range(n)]
-    return xs, ys
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def write_results(results: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table(results))
-    plots(results, out)

@@ -1,5 +1,15 @@
 """Typed configuration: every default lives in these dataclasses and nowhere else.
 
+The sections are the settings classes the runtime itself uses, so nothing is copied field by
+field: ``algo`` is `steppo.core.algorithms.AlgorithmConfig` (with its presets), ``rollout`` is
+`RolloutSettings` (defined here, used by `steppo.rollout.engine`), ``env`` extends
+`steppo.envs.base.EnvOptions` (the options `steppo.envs.base.EnvSettings` shares). Every choice
+is a `typing.Literal` type from `steppo.core.choices`, checked at load (`_coerce`) and by
+`Config.validate`: a bad name is a ConfigError naming the key, the value, the allowed values and
+the closest one. Importing this module loads neither torch nor transformers (``steppo --help``
+and ``steppo config`` stay quick); ``steppo config`` lists every key with its default and the
+help below (`describe`).
+
 A run's config is built from the defaults, then a YAML file (``--config``), then dotted
 command-line overrides, and validated as a whole::
 
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import typing
@@ -27,12 +38,28 @@ from typing import Any
 
 import yaml
 
+# All torch-free (see the module doc).
 from steppo.core.algorithms import PRESETS, AlgorithmConfig, ConfigError, preset
-from steppo.core.batch import LAYOUTS
-from steppo.rollout.engine import CONTEXTS, SCHEDULES, RolloutSettings
-from steppo.rollout.workers import WORKER_KINDS
+from steppo.core.choices import (
+    DEFAULT_ROW_TOKENS,
+    RAY_CPUS_PER_ENV,
+    Backend,
+    Context,
+    Dtype,
+    LayoutOrAuto,
+    OldLogprobs,
+    Parallel,
+    Schedule,
+    TinySize,
+    Tracker,
+    WorkerKind,
+    check_choice,
+    check_choices,
+    literal_choices,
+)
+from steppo.envs.base import EnvOptions
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "RolloutSettings", "describe", "load_config"]
 
 
 @dataclass
@@ -47,13 +74,16 @@ class ModelConfig:
         dtype: float32 | bfloat16 | float16 (autocast on CUDA; CPU stays float32).
         device: auto | cpu | cuda | cuda:N.
         lora_rank: LoRA rank for policy and critic (0 = full fine-tuning).
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).
+        lora_dropout: dropout on the LoRA branch.
+        lora_targets: module names LoRA adapts (those the model has).
         gradient_checkpointing: recompute activations in the backward pass.
     """
 
     name: str = "tiny"
-    tiny_size: str = "small"
+    tiny_size: TinySize = "small"
     tiny_vocab: int = 1024
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     device: str = "auto"
     lora_rank: int = 0
     lora_alpha: float = 32.0
@@ -79,16 +109,14 @@ class CriticConfig:
 
 
 @dataclass
-class EnvConfig:
-    """The environment.
+class EnvConfig(EnvOptions):
+    """The environment: `EnvOptions` (penalties, ReAct, step delay: given to the environment as
+    they are), and which environment with which overrides of its own defaults.
 
     Attributes:
         name: registered environment (see ``steppo.envs.registry``).
         max_steps: episode step limit (None = the environment's default).
-        invalid_action_penalty, format_penalty: rewards added for bad actions.
         show_admissible: list valid commands in observations (None = environment default).
-        react: ask for a short thought before each action (ReAct prompting, e.g. zero-shot).
-        step_delay_s: extra latency per environment step (models slow environments in benchmarks).
         params: environment-specific settings (see each environment's docstring).
         train_split: the split training samples tasks from.
         eval_split: the held-out split validation reports.
@@ -96,14 +124,60 @@ class EnvConfig:
 
     name: str = "compass"
     max_steps: int | None = None
-    invalid_action_penalty: float = 0.0
-    format_penalty: float = 0.0
     show_admissible: bool | None = None
-    react: bool = False
-    step_delay_s: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
     train_split: str = "train"
     eval_split: str = "dev"
+
+
+@dataclass
+class RolloutSettings:
+    """How episodes are run (the ``rollout`` section; `steppo.rollout.engine` runs with it).
+
+    Attributes:
+        context: cumulative | window | env (see `steppo.rollout.engine`).
+        window: turns kept by the window context.
+        max_new_tokens: generation budget of one step (None = the environment's).
+        context_limit: longest prompt + response, in tokens.
+        temperature: sampling temperature (the trainer scores with the same).
+        max_batch: most episodes in one generation call.
+        num_envs: environment workers (episodes running at once).
+        env_workers: thread | process | ray (see `steppo.rollout.workers`).
+        ray_address: Ray cluster for ``ray`` workers (None: start a local one; ``auto``: join
+            the running cluster).
+        ray_cpus_per_env: CPUs each environment actor reserves.
+        backend: local (the training model generates, transformers, per-episode KV caches) |
+            vllm (a vLLM engine fed the policy's weights after every update; see
+            `steppo.rollout.vllm_backend`).
+        vllm_gpu_memory_utilization: GPU memory fraction the vLLM engine may take.
+        step_timeout_s: longest env.reset / env.step before the episode is failed.
+        schedule: continuous | rounds (see `steppo.rollout.engine`).
+        kv_cache: keep each episode's keys/values between steps (cumulative context only), so a
+            step prefills only its new observation tokens.
+        bootstrap_time_limit: treat the environment's step limit as a cut (truncated:
+            bootstrap with V(next state)) instead of the end of the task (terminal, return 0).
+            Off by default: when the limit is part of the task (ALFWorld's 50 steps, an
+            evaluation that counts it as failure) the return after it is 0, the critic never
+            sees states beyond it, and bootstrapping from them lets a policy collect value by
+            stalling. Context overflows and environment failures always bootstrap.
+    """
+
+    context: Context = "cumulative"
+    window: int = 2
+    max_new_tokens: int | None = None
+    context_limit: int = 4096
+    temperature: float = 1.0
+    max_batch: int = 64
+    num_envs: int = 16
+    env_workers: WorkerKind = "thread"
+    ray_address: str | None = None
+    ray_cpus_per_env: float = RAY_CPUS_PER_ENV
+    backend: Backend = "local"
+    vllm_gpu_memory_utilization: float = 0.4
+    step_timeout_s: float = 60.0
+    schedule: Schedule = "rounds"
+    kv_cache: bool = True
+    bootstrap_time_limit: bool = False
 
 
 @dataclass
@@ -158,16 +232,16 @@ class TrainerConfig:
     critic_lr: float = 1e-3
     lr_warmup_steps: int = 20
     max_grad_norm: float = 1.0
-    layout: str = "auto"
-    row_tokens: int = 2048
-    old_logprobs: str = "recompute"
+    layout: LayoutOrAuto = "auto"
+    row_tokens: int = DEFAULT_ROW_TOKENS
+    old_logprobs: OldLogprobs = "recompute"
     eval_interval: int = 20
     eval_episodes: int = 200
     eval_sampled: bool = True
     checkpoint_interval: int = 20
     keep_checkpoints: int = 2
     sample_trajectories: int = 2
-    parallel: str = "auto"
+    parallel: Parallel = "auto"
     async_rollout: bool = False
     staleness: int = 1
     is_truncation: float = 2.0
@@ -187,6 +261,7 @@ class SFTConfig:
             it or not depending on bit-level numerics; see README, "The main job").
         lr: learning rate.
         batch_trajectories: demos per optimiser step.
+        max_grad_norm: gradient-norm clip of each optimiser step (0 = off).
     """
 
     enabled: bool | None = None
@@ -194,6 +269,7 @@ class SFTConfig:
     epochs: int = 4
     lr: float = 2e-3
     batch_trajectories: int = 16
+    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -212,7 +288,7 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     seed: int = 0
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "steppo"
     mlflow_uri: str | None = None
     cache_dir: str | None = None
@@ -240,7 +316,7 @@ def _offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def preflight(config: "Config") -> None:
+def preflight(config: Config) -> None:
     """Checks that depend on this machine, run before any work: the device exists, and a hub
     model can be had (from the cache when offline). Raises ConfigError naming the key."""
     device = config.model.device
@@ -287,6 +363,8 @@ DEFAULT_ALGORITHM = "steppo"
 
 @dataclass
 class Config:
+    """A run's whole configuration, one dataclass per section (``steppo config`` lists them)."""
+
     algo: AlgorithmConfig = field(default_factory=lambda: preset(DEFAULT_ALGORITHM, **DEFAULT_ALGO_KEYS))
     model: ModelConfig = field(default_factory=ModelConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
@@ -296,8 +374,11 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> "Config":
-        self.algo.validate()
+    def validate(self) -> Config:
+        self.algo.validate()  # checks its own choices
+        for section in dataclasses.fields(self):  # every other section's Literal-typed choices (also
+            if section.name != "algo":            # checked at load; this catches values set in code)
+                check_choices(getattr(self, section.name), section.name)
         t, r = self.trainer, self.rollout
 
         def need(ok: bool, msg: str) -> None:
@@ -317,13 +398,8 @@ class Config:
         need(t.policy_lr > 0 and t.critic_lr > 0, "learning rates must be positive")
         need(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps must be >= 0")
         need(t.row_tokens >= 16, "trainer.row_tokens must be >= 16")
-        need(t.layout in LAYOUTS + ("auto",), f"trainer.layout must be one of {LAYOUTS + ('auto',)}")
-        need(t.old_logprobs in ("recompute", "rollout"), "trainer.old_logprobs must be recompute or rollout")
         need(t.eval_interval >= 0 and t.checkpoint_interval >= 0, "intervals must be >= 0")
         need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
-        need(t.parallel in ("auto", "none", "ddp", "fsdp"), "trainer.parallel must be auto, none, ddp or fsdp")
-        need(r.context in CONTEXTS, f"rollout.context must be one of {CONTEXTS}")
-        need(r.schedule in SCHEDULES, f"rollout.schedule must be one of {SCHEDULES}")
         need(r.max_new_tokens is None or r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1 (or null)")
         need(
             r.max_new_tokens is None or r.context_limit > r.max_new_tokens,
@@ -332,8 +408,6 @@ class Config:
         need(r.temperature > 0, "rollout.temperature must be > 0 (evaluation decodes greedily on its own)")
         need(r.num_envs >= 1 and r.max_batch >= 1, "rollout.num_envs and rollout.max_batch must be >= 1")
         need(r.step_timeout_s > 0, "rollout.step_timeout_s must be > 0")
-        need(r.env_workers in WORKER_KINDS, f"rollout.env_workers must be one of {WORKER_KINDS}")
-        need(r.backend in ("local", "vllm"), "rollout.backend must be local or vllm")
         need(self.env.step_delay_s >= 0, "env.step_delay_s must be >= 0")
         need(t.staleness >= 1, "trainer.staleness must be >= 1 (rollouts ahead of the update)")
         need(t.is_truncation >= 1.0, "trainer.is_truncation must be >= 1")
@@ -355,6 +429,8 @@ class Config:
         need(self.sft.demos >= 1 and self.sft.epochs >= 0 and self.sft.lr > 0, "sft.demos >= 1, sft.epochs >= 0, sft.lr > 0")
         need(self.sft.batch_trajectories >= 1,
              f"sft.batch_trajectories must be >= 1 (demos per optimiser step), got {self.sft.batch_trajectories}")
+        need(self.sft.max_grad_norm >= 0,
+             f"sft.max_grad_norm must be >= 0 (0 = no clipping), got {self.sft.max_grad_norm}")
         need(self.env.max_steps is None or self.env.max_steps >= 1,
              f"env.max_steps must be >= 1 (or null for the environment's default), got {self.env.max_steps}")
         need(t.max_grad_norm >= 0, f"trainer.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
@@ -366,8 +442,6 @@ class Config:
         need(model_source(self.model.name) is not None,
              f"model.name={self.model.name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), nor an "
              f"existing local model directory, nor a Hugging Face hub id (owner/name); check the path")
-        unknown = set(self.run.trackers) - {"tensorboard", "wandb", "mlflow"}
-        need(not unknown, f"unknown trackers {sorted(unknown)}; choose from tensorboard, wandb, mlflow")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -389,6 +463,9 @@ class Config:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check (and gently convert) `value` against a type hint, or raise a ConfigError."""
+    allowed = literal_choices(hint)  # a Literal, or a Literal or None
+    if allowed is not None:
+        return check_choice(value, allowed, key)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -545,9 +622,79 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict` (e.g. a run's config.yaml)."""
-    return _build([data])
+# ----------------------------------------------------------------------------- describing
+
+_ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*):\s*(.*)$")
+
+
+def _attributes(doc: str) -> dict[str, str]:
+    """The ``Attributes:`` section of one docstring: name -> its text on one line."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    out: dict[str, str] = {}
+    if start is None:
+        return out
+    names: list[str] = []
+    indent = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent or depth == 0:
+            break  # the end of the section
+        text = " ".join(line.split())
+        match = _ENTRY.match(text) if depth == indent else None
+        if match:  # a new entry; anything else continues the current one
+            names = [n.strip() for n in match.group(1).split(",")]
+            text = match.group(2)
+        for n in names:
+            out[n] = f"{out.get(n, '')} {text}".strip()
+    return out
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its help on one line, read from the ``Attributes:`` sections of the
+    docstrings of `cls` and its bases (an entry ``a, b: text`` documents both; continuation
+    lines are indented deeper; markup backticks are dropped)."""
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:  # a class's own docstring first, then its bases'
+        doc = klass.__dict__.get("__doc__")
+        for name, text in (_attributes(doc) if doc else {}).items():
+            out.setdefault(name, re.sub(r"`+", "", text))
+    return out
+
+
+def describe(config: Config | None = None) -> list[tuple[str, Any, str]]:
+    """``(section.key, default, help)`` for every key of `config` (default: the default job), in
+    the dataclasses' order; the help comes from their docstrings (`field_help`)."""
+    config = Config() if config is None else config
+    rows = []
+    for section in dataclasses.fields(config):
+        obj = getattr(config, section.name)
+        helps = field_help(type(obj))
+        for f in dataclasses.fields(obj):
+            rows.append((f"{section.name}.{f.name}", getattr(obj, f.name), helps.get(f.name, "")))
+    return rows
+
+
+def yaml_value(value: Any) -> str:
+    """`value` as a one-line YAML scalar or flow collection (what ``key=VALUE`` overrides read)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=False)
+    return text.removesuffix("\n...\n").strip()
+
+
+def defaults_yaml(config: Config | None = None) -> str:
+    """The defaults (`describe`) as a YAML config file, each key's help as a comment."""
+    lines = ["# StepPO's defaults (steppo config --yaml): every key, its default and what it does."]
+    section = None
+    for key, value, text in describe(config):
+        top, _, name = key.partition(".")
+        if top != section:
+            lines.append(f"{top}:")
+            section = top
+        lines.append(f"  {name}: {yaml_value(value)}" + (f"  # {text}" if text else ""))
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- resuming

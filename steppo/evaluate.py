@@ -1,24 +1,124 @@
-"""Held-out evaluation of a checkpoint or a model on an environment split (``steppo eval``)."""
+"""Held-out evaluation: one path for training's validations, ``steppo eval`` and ``steppo compare``.
+
+`evaluate(generation, tasks, greedy, tag)` plays each task once through the run's generation
+side (so ``rollout.backend=vllm`` evaluates with vLLM too) and returns metrics in one
+vocabulary, the rollout's (`steppo.rollout.engine.RolloutResult.metrics`): ``success``,
+``score``, ``steps_mean``, ``truncated_frac``, ``invalid_action_frac``,
+``malformed_action_frac``, ``env_failures``, ``valid``, ..., prefixed ``eval/`` (greedy) or
+``eval_sampled/`` (sampled). ``steppo eval`` prints the same keys without a prefix.
+
+Episodes the environment failed (``env_error`` / ``env_timeout``) are not outcomes: success
+and score are over the others; when more than half failed the evaluation is not a score
+(``valid`` false, success and score NaN in metrics, None in ``steppo eval``'s JSON).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from steppo.config import Config
-from steppo.envs.registry import env_factory
-from steppo.models.build import build_models, resolve_base_model
-from steppo.rollout.engine import FAILED, RolloutEngine, RolloutResult
-from steppo.rollout.local import LocalBackend
+
+if TYPE_CHECKING:
+    from steppo.envs.base import Task
+    from steppo.rollout.engine import RolloutResult
+    from steppo.trainer.generation import Generation
+
+# per-run throughput numbers, not properties of a subset of episodes
+_RUN_ONLY = ("generated_tokens", "generation_tokens_per_s")
+
+
+def eval_invalid(failed: int, episodes: int) -> bool:
+    """An evaluation is not a score when more than half its episodes failed in the environment."""
+    return episodes > 0 and failed * 2 > episodes
+
+
+def summarize(result: RolloutResult, by_task_type: bool = True) -> dict[str, Any]:
+    """The metrics of one evaluation (no prefix), and per task type when tasks have one."""
+    out: dict[str, Any] = result.metrics("")
+    trajs = result.trajectories  # episodes with steps that the environment did not fail
+    out["score"] = sum(t.total_reward for t in trajs) / len(trajs) if trajs else 0.0
+    out["valid"] = not eval_invalid(len(result.failed), len(result.episodes))
+    if not out["valid"]:
+        out["success"] = out["score"] = float("nan")
+    groups: dict[str, list] = defaultdict(list)
+    for e in result.episodes:
+        if by_task_type and "task_type" in e.task.payload:
+            groups[e.task.payload["task_type"]].append(e)
+    if groups:
+        out["by_task_type"] = {
+            k: {m: v for m, v in summarize(_subset(result, eps), False).items() if m not in _RUN_ONLY}
+            for k, eps in sorted(groups.items())
+        }
+    return out
+
+
+def _subset(result: RolloutResult, episodes: list) -> RolloutResult:
+    """The result restricted to `episodes` (one task type)."""
+    tasks = {e.task.id for e in episodes}
+    return dataclasses.replace(result, episodes=episodes, trajectories=[t for t in result.trajectories if t.task_id in tasks])
+
+
+def outcome_record(tag: Any, greedy: bool, tasks: list[Task], result: RolloutResult) -> dict[str, Any]:
+    """evals.jsonl's line for one validation: ``outcomes`` in `tasks` order, ``1`` success,
+    ``0`` failure, ``x`` an episode the environment failed (paired task-level statistics in
+    `steppo.report` read it)."""
+    failed = {id(e) for e in result.failed}
+    by_task = {e.task.id: "x" if id(e) in failed else str(int(bool(e.success))) for e in result.episodes}
+    return {"iteration": 0 if tag in ("before", "sft") else tag, "mode": "greedy" if greedy else "sampled",
+            "first_task": tasks[0].id if tasks else None, "outcomes": "".join(by_task.get(t.id, "x") for t in tasks)}
+
+
+def evaluate(generation: Generation, tasks: list[Task], greedy: bool, tag: Any = "eval", runlog=None,
+             say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Play each of `tasks` once; metrics prefixed ``eval/`` (greedy) or ``eval_sampled/``.
+    `runlog` (a `RunLog`) receives the per-task outcomes."""
+    mode = "greedy" if greedy else "sampled"
+    result = generation.play(tasks, [t.id for t in tasks], f"eval-{tag}-{mode}", greedy=greedy)
+    summary = summarize(result)
+    summary.pop("by_task_type", None)
+    if runlog is not None:
+        runlog.outcomes(outcome_record(tag, greedy, tasks, result))
+    if not summary["valid"]:
+        say(f"warning: evaluation {tag} ({mode}) is not valid: {len(result.failed)} of {len(result.episodes)} "
+            f"episodes failed in the environment (env_error/env_timeout; first error: {result.failed[0].error})")
+    prefix = "eval/" if greedy else "eval_sampled/"
+    return {prefix + k: v for k, v in summary.items()}
+
+
+def success_of(metrics: dict, mode: str) -> float | str:
+    """The held-out success of `mode` (eval / eval_sampled), or, for an evaluation that is not
+    valid, the text ``n/a (k of n episodes failed in the environment)``."""
+    if metrics.get(f"{mode}/valid", True):
+        return metrics[f"{mode}/success"]
+    k, n = int(metrics[f"{mode}/env_failures"]), int(metrics[f"{mode}/episodes"])
+    return f"n/a ({k} of {n} episodes failed in the environment)"
+
+
+def describe(metrics: dict, cfg: Config, episodes: int) -> str:
+    """'0.625 greedy, 0.600 sampled (T=1.0) on 200 dev episodes'."""
+    def fmt(mode: str) -> str:
+        v = success_of(metrics, mode)
+        return v if isinstance(v, str) else f"{v:.3f}"
+
+    parts = [f"{fmt('eval')} greedy"]
+    if "eval_sampled/success" in metrics:
+        parts.append(f"{fmt('eval_sampled')} sampled (T={cfg.rollout.temperature})")
+    return ", ".join(parts) + f" on {episodes} {cfg.env.eval_split} episodes"
+
+
+# ----------------------------------------------------------------------------- steppo eval
 
 
 def _model_source(cfg: Config, checkpoint: Path | None, corpus) -> tuple[Any, Path, Path | None]:
     """(model config, base weights, adapter/policy dir) for a checkpoint or a model name."""
+    from steppo.models.build import resolve_base_model
+
     m = cfg.model
     if checkpoint is not None:
         policy_dir = checkpoint / "policy" if (checkpoint / "policy").exists() else checkpoint
@@ -33,76 +133,37 @@ def _model_source(cfg: Config, checkpoint: Path | None, corpus) -> tuple[Any, Pa
     return dataclasses.replace(m, lora_rank=0), base, None
 
 
-def summarize(result: RolloutResult) -> dict[str, Any]:
-    """Success, score, steps, invalid-action and truncation rates, overall and per task type.
+def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str | None = None,
+                        episodes: int | None = None, greedy: bool = True) -> dict[str, Any]:
+    """``steppo eval``: a checkpoint (or ``model.name``) on `split`, through the same
+    generation side as training (``rollout.backend`` honoured); `summarize`'s keys."""
+    from steppo.envs.registry import env_factory
+    from steppo.models.build import build_models
+    from steppo.models.builtin import env_corpus
+    from steppo.trainer.generation import Generation
 
-    Episodes the environment failed (``env_error`` / ``env_timeout``) are not outcomes: success
-    and score are over the others, failures are counted in ``env_failures``; when more than half
-    failed, ``valid`` is false and success and score are None (not a score)."""
-    eps = result.episodes
-
-    def stats(group) -> dict[str, Any]:
-        n = max(len(group), 1)
-        steps = sum(len(e.steps) for e in group)
-        ok = [e for e in group if e.end_reason not in FAILED]
-        failed = len(group) - len(ok)
-        valid = not (group and failed * 2 > len(group))
-        return {
-            "episodes": len(group),
-            "env_failures": failed,
-            "valid": valid,
-            "success": (sum(e.success for e in ok) / max(len(ok), 1)) if valid else None,
-            "score": (float(np.mean([sum(s.reward for s in e.steps) for e in ok])) if ok else 0.0) if valid else None,
-            "mean_steps": steps / n,
-            "invalid_action_rate": sum(e.invalid_actions for e in group) / max(steps, 1),
-            "truncation_rate": sum(e.end_reason != "terminated" for e in group) / n,
-        }
-
-    out = stats(eps)
-    by_type: dict[str, list] = defaultdict(list)
-    for e in eps:
-        if "task_type" in e.task.payload:
-            by_type[e.task.payload["task_type"]].append(e)
-    if by_type:
-        out["by_task_type"] = {k: stats(v) for k, v in sorted(by_type.items())}
-    return out
-
-
-def evaluate(cfg: Config, checkpoint: Path | None = None, split: str | None = None,
-             episodes: int | None = None, greedy: bool = True) -> dict[str, Any]:
     make_env = env_factory(cfg.env)
     env = make_env()
     split = split or cfg.env.eval_split
     tasks = env.tasks(split)[: episodes or cfg.trainer.eval_episodes]
-    from steppo.trainer.trainer import env_corpus
-
     model_cfg, base, policy_dir = _model_source(
-        cfg, checkpoint, lambda: env_corpus(make_env(), env.tasks(cfg.env.train_split))
-    )
+        cfg, checkpoint, lambda: env_corpus(make_env(), env.tasks(cfg.env.train_split)))
     models = build_models(model_cfg, base_path=base, with_critic=False, shared_critic=False,
                           with_reference=False, temperature=cfg.rollout.temperature, policy_dir=policy_dir)
     models.policy.eval()
-    engine = RolloutEngine(
-        make_env, models.chat,
-        LocalBackend(models.policy.model, {models.chat.end_of_turn_id}, cfg.rollout.temperature,
-                     models.tokenizer.pad_token_id,
-                     kv_cache=cfg.rollout.kv_cache and cfg.rollout.context == "cumulative"),
-        cfg.rollout, env.instructions(), env.settings,
-    )
+    generation = Generation(cfg, models, env, make_env, own_copy=False)
     try:
-        result = engine.run(tasks, [t.id for t in tasks], cfg.run.seed, iteration="eval", greedy=greedy)
+        result = generation.play(tasks, [t.id for t in tasks], "eval", greedy=greedy)
     finally:
-        engine.close()
+        generation.close()
         env.close()
-    summary = {
-        "environment": cfg.env.name,
-        "split": split,
-        "model": str(checkpoint) if checkpoint else cfg.model.name,
-        "decoding": "greedy" if greedy else f"sampled (T={cfg.rollout.temperature})",
-        "seed": cfg.run.seed,
-        **summarize(result),
-    }
-    return summary
+    summary = summarize(result)
+    for key in ("success", "score"):  # JSON: a missing score, not NaN
+        if isinstance(summary[key], float) and math.isnan(summary[key]):
+            summary[key] = None
+    return {"environment": cfg.env.name, "split": split, "model": str(checkpoint) if checkpoint else cfg.model.name,
+            "decoding": "greedy" if greedy else f"sampled (T={cfg.rollout.temperature})", "seed": cfg.run.seed,
+            **summary}
 
 
 def format_table(summary: dict[str, Any]):
@@ -114,7 +175,7 @@ def format_table(summary: dict[str, Any]):
                    "not a score")
     table = Table(title=f"{summary['environment']} / {summary['split']} / {summary['model']} ({summary['decoding']})",
                   caption=caption)
-    cols = ["episodes", "success", "score", "mean_steps", "invalid_action_rate", "truncation_rate", "env_failures"]
+    cols = ["episodes", "success", "score", "steps_mean", "invalid_action_frac", "truncated_frac", "env_failures"]
     table.add_column("rows")
     for c in cols:
         table.add_column(c, justify="right")

@@ -100,8 +100,7 @@ def rng() -> random.Random:
 def tiny_dir(tmp_path_factory):
     """A tiny model + tokenizer trained on compass text (both tool-call and plain formats)."""
     from steppo.envs.compass import CompassEnv
-    from steppo.models.builtin import build_tiny
-    from steppo.trainer.trainer import env_corpus
+    from steppo.models.builtin import build_tiny, env_corpus
 
     env = CompassEnv()
     corpus = env_corpus(env, env.tasks("train"), limit=100)

@@ -4,7 +4,8 @@ import json
 
 import yaml
 
-from steppo.compare import load_protocol, run_config, run_protocol, table
+from steppo.compare import load_protocol, run_config, run_protocol
+from steppo.report import paired_difference, statistics_of, steps_to_threshold, table
 
 BASE = {
     "env": {"name": "compass"},
@@ -70,8 +71,51 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
 
 
 def test_table_marks_best_mean_and_reports_std():
-    run = lambda s: {"final_success": s, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0}
+    def run(s):
+        return {"final_success": s, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0}
     results = {"presets": ["a", "b"], "seeds": [0, 1], "zero_shot": None,
                "runs": {"a": {"0": run(0.5), "1": run(0.7)}, "b": {"0": run(0.2), "1": run(0.2)}}}
     text = table(results)
     assert "| a | **0.600 ± 0.141** |" in text and "| b | 0.200 ± 0.000 |" in text
+
+
+def _results(a_runs, b_runs):
+    return {"presets": ["steppo", "ppo"], "seeds": list(range(len(a_runs))), "zero_shot": None,
+            "runs": {"steppo": {str(i): r for i, r in enumerate(a_runs)}, "ppo": {str(i): r for i, r in enumerate(b_runs)}}}
+
+
+def _run(outcomes=None, success=None):
+    success = outcomes.count("1") / len(outcomes) if success is None else success
+    return {"final_success": success, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0,
+            "final_outcomes": {"greedy": outcomes} if outcomes else {}, "curve": [], "final_critic_loss": None}
+
+
+def test_paired_difference_by_seed_and_task_by_hand():
+    # seed 0: tasks differ by (0, +1, 0, 0); seed 1: (+1, 0, 0, 0) -> mean difference 2/8
+    res = _results([_run("1100"), _run("1010")], [_run("1000"), _run("0010")])
+    p = paired_difference(res, "steppo", "ppo", resamples=2000)
+    assert p["level"] == "seeds x tasks" and p["seeds"] == 2
+    assert p["difference"] == 0.25
+    lo, hi = p["ci95"]
+    assert 0 <= lo <= 0.25 <= hi <= 1  # never below 0: no task favours ppo
+    # identical outcomes: a point interval at 0, which does not exclude 0
+    same = paired_difference(_results([_run("1010")] * 2, [_run("1010")] * 2), "steppo", "ppo", resamples=500)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and not same["excludes_zero"]
+    # a task the environment failed in either run counts 0
+    assert paired_difference(_results([_run("1x")], [_run("11")]), "steppo", "ppo", resamples=10)["difference"] == 0
+
+
+def test_paired_difference_falls_back_to_seeds_without_outcomes():
+    res = _results([_run(success=0.6), _run(success=0.8)], [_run(success=0.5), _run(success=0.5)])
+    p = paired_difference(res, "steppo", "ppo", resamples=4000)
+    assert p["level"] == "seeds" and abs(p["difference"] - 0.2) < 1e-12
+    assert abs(p["ci95"][0] - 0.1) < 1e-12 and abs(p["ci95"][1] - 0.3) < 1e-12 and p["excludes_zero"]
+
+
+def test_steps_to_threshold_and_statistics_tables():
+    curve = [{"env_steps": 0, "success": 0.5}, {"env_steps": 100, "success": 0.55}, {"env_steps": 200, "success": 0.6}]
+    assert steps_to_threshold({"curve": curve}) == 200.0
+    assert steps_to_threshold({"curve": curve[:2]}) is None
+    res = _results([_run("1100"), _run("1010")], [_run("1000"), _run("0010")])
+    stats = statistics_of(res)
+    assert stats["best_baseline"] == "ppo" and stats["paired"]["ppo"]["greedy"]["difference"] == 0.25

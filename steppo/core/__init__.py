@@ -1,43 +1,48 @@
 """The pure core: step records, batch layouts, credit assignment, losses, algorithm presets.
 
 No model loading, no I/O, no text: token ids and tensors in, tensors out.
+
+The names below load on first use (PEP 562), so importing a torch-free submodule such as
+`steppo.core.choices` or `steppo.core.algorithms` (what `steppo.config` needs) does not import
+torch through `steppo.core.batch`.
 """
 
-from steppo.core.algorithms import PRESETS, AlgorithmConfig, ConfigError, preset
-from steppo.core.batch import LAYOUTS, StepBatch, TokenLayout, build_layout
-from steppo.core.credit import ESTIMATORS, Credit, estimate_credit, step_gae, token_gae, whiten
-from steppo.core.losses import (
-    aggregation_weights,
-    kl_loss,
-    policy_loss,
-    ratio_units,
-    segment_mean,
-    value_loss,
-)
-from steppo.core.records import RecordError, Step, Trajectory
+import importlib
 
-__all__ = [
-    "AlgorithmConfig",
-    "ConfigError",
-    "Credit",
-    "ESTIMATORS",
-    "LAYOUTS",
-    "PRESETS",
-    "RecordError",
-    "Step",
-    "StepBatch",
-    "TokenLayout",
-    "Trajectory",
-    "aggregation_weights",
-    "build_layout",
-    "estimate_credit",
-    "kl_loss",
-    "policy_loss",
-    "preset",
-    "ratio_units",
-    "segment_mean",
-    "step_gae",
-    "token_gae",
-    "value_loss",
-    "whiten",
-]
+_EXPORTS = {
+    "AlgorithmConfig": "steppo.core.algorithms",
+    "ConfigError": "steppo.core.algorithms",
+    "PRESETS": "steppo.core.algorithms",
+    "preset": "steppo.core.algorithms",
+    "LAYOUTS": "steppo.core.batch",
+    "StepBatch": "steppo.core.batch",
+    "TokenLayout": "steppo.core.batch",
+    "build_layout": "steppo.core.batch",
+    "ESTIMATORS": "steppo.core.credit",
+    "Credit": "steppo.core.credit",
+    "estimate_credit": "steppo.core.credit",
+    "step_gae": "steppo.core.credit",
+    "token_gae": "steppo.core.credit",
+    "whiten": "steppo.core.credit",
+    "aggregation_weights": "steppo.core.losses",
+    "kl_loss": "steppo.core.losses",
+    "policy_loss": "steppo.core.losses",
+    "ratio_units": "steppo.core.losses",
+    "segment_mean": "steppo.core.losses",
+    "value_loss": "steppo.core.losses",
+    "RecordError": "steppo.core.records",
+    "Step": "steppo.core.records",
+    "Trajectory": "steppo.core.records",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'steppo.core' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,5 +1,6 @@
 """Algorithm presets: each name fixes the credit estimator, the importance-ratio granularity,
-whether a critic is trained, and default hyperparameters (spec §4-5).
+whether a critic is trained, and default hyperparameters (the paper's baselines and step-level
+importance sampling).
 
 | preset               | MDP   | credit      | estimator             | ratio      | critic |
 |----------------------|-------|-------------|-----------------------|------------|--------|
@@ -18,7 +19,7 @@ whether a critic is trained, and default hyperparameters (spec §4-5).
 Clip ranges follow the ratio: 0.2 for token and step ratios (a step ratio is a geometric mean
 over a step's tokens, so it moves less than a token ratio but far more than a trajectory ratio),
 GSPO's 3e-4 / 4e-4 for the trajectory ratio. A 3e-4 clip on token ratios would cripple a token
-baseline, which is what the reference scripts did (spec §4): clip ranges are chosen per ratio.
+baseline, which is what the reference scripts did: clip ranges are chosen per ratio.
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from steppo.core.credit import CRITIC_ESTIMATORS, ESTIMATORS, GROUP_ESTIMATORS, TOKEN_ESTIMATORS, WHITEN_MODES
-from steppo.core.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
+# Torch-free: the config (`steppo.config`) loads this module without torch.
+from steppo.core.choices import (
+    CRITIC_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    TOKEN_ESTIMATORS,
+    Aggregation,
+    ConfigError,
+    Estimator,
+    KLEstimator,
+    RatioLevel,
+    TokenDiscount,
+    Whiten,
+    check_choices,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run, with the reason and the fix."""
+__all__ = ["PRESETS", "AlgorithmConfig", "ConfigError", "preset"]
 
 
 @dataclass
@@ -61,23 +72,23 @@ class AlgorithmConfig:
     """
 
     name: str = "steppo"
-    estimator: str = "step_gae"
+    estimator: Estimator = "step_gae"
     critic: bool = True
-    ratio_level: str = "step"
+    ratio_level: RatioLevel = "step"
     group_size: int = 1
     gamma: float = 1.0
     lam: float = 1.0
-    whiten: str | None = "step"
-    token_discount: str = "step"
+    whiten: Whiten | None = "step"
+    token_discount: TokenDiscount = "step"
     normalize_std: bool = True
     gigpo_step_weight: float = 1.0
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
     log_ratio_clamp: float = 10.0
-    aggregation: str = "step-mean"
+    aggregation: Aggregation = "step-mean"
     kl_coef: float = 0.0
-    kl_estimator: str = "k3"
+    kl_estimator: KLEstimator = "k3"
     entropy_coef: float = 0.0
     value_clip: float | None = 0.5
     value_coef: float = 1.0
@@ -91,17 +102,12 @@ class AlgorithmConfig:
     def uses_reference(self) -> bool:
         return self.kl_coef > 0
 
-    def validate(self) -> "AlgorithmConfig":
+    def validate(self) -> AlgorithmConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"algo ({self.name}): {msg}")
 
-        need(self.estimator in ESTIMATORS, f"estimator {self.estimator!r} is not one of {ESTIMATORS}")
-        need(self.ratio_level in RATIO_LEVELS, f"ratio_level {self.ratio_level!r} is not one of {RATIO_LEVELS}")
-        need(self.aggregation in AGGREGATIONS, f"aggregation {self.aggregation!r} is not one of {AGGREGATIONS}")
-        need(self.whiten in WHITEN_MODES, f"whiten {self.whiten!r} is not one of {WHITEN_MODES}")
-        need(self.kl_estimator in KL_ESTIMATORS, f"kl_estimator {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
-        need(self.token_discount in ("step", "token"), "token_discount must be 'step' or 'token'")
+        check_choices(self, "algo")  # the Literal-typed fields (estimator, ratio_level, ...)
         need(
             not (self.whiten == "step" and self.estimator in TOKEN_ESTIMATORS),
             f"algo.whiten=step with the token-level estimator {self.estimator} would replace every "

@@ -52,16 +52,14 @@ layout, so it gives the same numbers; the shared layouts read each shared token 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
+from steppo.core.choices import DEFAULT_ROW_TOKENS, LAYOUTS  # noqa: F401 (importable from here)
 from steppo.core.records import Trajectory
-
-LAYOUTS = ("per_step", "prefix_shared", "packed", "tree")
-DEFAULT_ROW_TOKENS = 4096
 
 
 def _anchor_ids(trajectories: Sequence[Trajectory], group: torch.Tensor) -> list[int]:
@@ -130,19 +128,42 @@ class StepBatch:
         return self.step_traj * self.step_slots.shape[1] + self.step_index
 
     @cached_property
+    def steps_per_trajectory(self) -> torch.Tensor:
+        """(B,) number of steps of each trajectory."""
+        return self.step_mask.sum(1)
+
+    @cached_property
+    def tokens_per_trajectory(self) -> torch.Tensor:
+        """(B,) number of action tokens of each trajectory."""
+        return self.token_mask.sum(1)
+
+    @cached_property
+    def step_start(self) -> torch.Tensor:
+        """(B,) flat index of each trajectory's first step."""
+        return torch.cumsum(self.steps_per_trajectory, 0) - self.steps_per_trajectory
+
+    @cached_property
+    def token_start(self) -> torch.Tensor:
+        """(B,) flat index of each trajectory's first action token."""
+        return torch.cumsum(self.tokens_per_trajectory, 0) - self.tokens_per_trajectory
+
+    @cached_property
+    def first_token(self) -> torch.Tensor:
+        """(S,) flat index of each step's first action token."""
+        return torch.cumsum(self.response_lengths, 0) - self.response_lengths
+
+    @cached_property
     def _token_cells(self) -> torch.Tensor:
         """(N,) index of each action token in the flattened (B, K) grid."""
-        first = (torch.cumsum(self.token_mask.sum(1), 0) - self.token_mask.sum(1))[self.token_traj]
         rank = torch.arange(self.num_tokens, device=self.token_traj.device)
-        return self.token_traj * self.token_slots.shape[1] + rank - first
+        return self.token_traj * self.token_slots.shape[1] + rank - self.token_start[self.token_traj]
 
     @cached_property
     def step_end(self) -> torch.Tensor:
         """(B, K) bool: the token is the last one of its step."""
         flat_end = torch.zeros(self.num_tokens, dtype=torch.bool, device=self.response_lengths.device)
         if self.num_tokens:
-            ends = torch.cumsum(self.response_lengths, 0) - 1
-            flat_end[ends] = True
+            flat_end[self.first_token + self.response_lengths - 1] = True
         return self.tokens_to_padded(flat_end, False)
 
     def steps_to_padded(self, flat: torch.Tensor, fill: float | bool = 0.0) -> torch.Tensor:
@@ -171,15 +192,64 @@ class StepBatch:
 
     def last_step(self) -> torch.Tensor:
         """(B,) flat index of each trajectory's last step."""
-        counts = self.step_mask.sum(1)
-        return torch.cumsum(counts, 0) - 1
+        return self.step_start + self.steps_per_trajectory - 1
 
-    def to(self, device: torch.device | str) -> "StepBatch":
+    def to(self, device: torch.device | str) -> StepBatch:
         """The same batch with every tensor on `device` (the maps work on any device)."""
         return StepBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 
+    def flat_ranges(self, idx: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S',), (N',) flat indices of the steps and of the action tokens of trajectories `idx`,
+        trajectory after trajectory in the order of `idx` (sizes depend on the data: host side)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.step_slots.device)
+        return (
+            self._runs(self.step_start[idx], self.steps_per_trajectory[idx]),
+            self._runs(self.token_start[idx], self.tokens_per_trajectory[idx]),
+        )
+
+    def select(self, idx: Sequence[int] | torch.Tensor) -> StepBatch:
+        """The sub-batch of trajectories `idx`, in that order, as `from_trajectories` collates them:
+        per-step, per-token and per-trajectory fields are this batch's, sliced (one index of its
+        flat steps and tokens); flat indices and group and anchor ids are renumbered densely in
+        order of first appearance. Sizes depend on the data: call it on the host side."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.step_slots.device)
+        steps, tokens = self.flat_ranges(idx)
+        steps_per, lengths = self.steps_per_trajectory[idx], self.response_lengths[steps]
+        step_traj = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), steps_per)
+        token_step = torch.repeat_interleave(torch.arange(len(steps), device=idx.device), lengths)
+        return StepBatch(
+            step_slots=_slots(steps_per.cpu()).to(idx.device),
+            token_slots=_slots(self.tokens_per_trajectory[idx].cpu()).to(idx.device),
+            step_traj=step_traj,
+            step_index=self.step_index[steps],
+            rewards=self.rewards[steps],
+            response_lengths=lengths,
+            anchor=self._dense_ids(self.anchor[steps]),
+            policy_version=self.policy_version[steps],
+            terminated=self.terminated[idx],
+            truncated=self.truncated[idx],
+            group=self._dense_ids(self.group[idx]),
+            token_step=token_step,
+            token_traj=step_traj[token_step],
+            old_logprobs=self.old_logprobs[tokens],
+        )
+
+    @staticmethod
+    def _runs(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Concatenated ranges [start, start + count): starts [5, 0], counts [2, 1] -> [5, 6, 0]."""
+        offsets = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(int(counts.sum()), device=counts.device)
+        return pos + torch.repeat_interleave(starts - offsets, counts)
+
+    @staticmethod
+    def _dense_ids(ids: torch.Tensor) -> torch.Tensor:
+        """Ids renumbered 0, 1, ... in order of first appearance; -1 (none) stays -1."""
+        table: dict[int, int] = {}
+        dense = [-1 if i < 0 else table.setdefault(i, len(table)) for i in ids.tolist()]
+        return torch.tensor(dense, dtype=ids.dtype, device=ids.device)
+
     @classmethod
-    def from_trajectories(cls, trajectories: Sequence[Trajectory]) -> "StepBatch":
+    def from_trajectories(cls, trajectories: Sequence[Trajectory]) -> StepBatch:
         """Collate records (Python lists) into CPU tensors; move the batch with `to`."""
         group_names: dict[str, int] = {}
         group = torch.tensor(
@@ -310,7 +380,7 @@ class TokenLayout:
         read = per_position[self.bootstrap_rows.clamp(min=0), self.bootstrap_cols.clamp(min=0)]
         return torch.where(has, read, 0)
 
-    def to(self, device: torch.device | str) -> "TokenLayout":
+    def to(self, device: torch.device | str) -> TokenLayout:
         moved = {
             name: getattr(self, name).to(device)
             for name in self.__dataclass_fields__

@@ -7,8 +7,13 @@ next state when it was truncated). Computation is vectorised over the batch; the
 loop runs backwards over the horizon. Padding (``mask == False``) never influences a result,
 and results at padding are 0.
 
-`estimate_credit` dispatches by estimator name from a `StepBatch` and returns advantages per
-step and per action token (the step's advantage copied to its tokens for step estimators).
+Each estimator is one function ``fn(batch, scored, algo) -> Credit`` (a `StepBatch`, the
+critic's `Scores`, the `AlgorithmConfig`), registered under its name with `register_estimator`
+in `ESTIMATOR_REGISTRY`, StepPO's `step_gae_credit` first. `estimate_credit` looks the preset's
+estimator up there and applies the shared whitening; a `Credit` holds advantages per step and
+per action token (a step's advantage copied to its tokens for step estimators). The tensor
+kernels below them (`step_gae`, `token_gae`, `grpo`, ...) work on padded timelines and flat
+group ids; one backward loop (`_gae`) computes every GAE and discounted return.
 
 One normalisation rule everywhere (GRPO's group std, GiGPO's anchor groups, `whiten`): the
 standard deviation uses Bessel's correction, sqrt(sum (x - mean)^2 / (n - 1)), as verl does;
@@ -21,32 +26,275 @@ CPU, GPU and the `meta` device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from steppo.core.batch import StepBatch
 
+# The estimator names (defined with the config's choices, torch-free), importable from here.
+from steppo.core.choices import (  # noqa: F401
+    CRITIC_ESTIMATORS,
+    ESTIMATORS,
+    GROUP_ESTIMATORS,
+    TOKEN_ESTIMATORS,
+    WHITEN_MODES,
+)
+
+if TYPE_CHECKING:  # the presets import the names above from here: no import cycle at runtime
+    from steppo.core.algorithms import AlgorithmConfig
+
 EPS = 1e-8
 
-ESTIMATORS = (
-    "step_gae",
-    "token_gae",
-    "grpo",
-    "rloo",
-    "reinforce_pp",
-    "reinforce_pp_baseline",
-    "gigpo",
-    "broadcast",
-)
-CRITIC_ESTIMATORS = {"step_gae": "step", "token_gae": "token"}
-# Estimators whose advantages differ between the tokens of one step.
-TOKEN_ESTIMATORS = ("token_gae", "reinforce_pp", "reinforce_pp_baseline")
-GROUP_ESTIMATORS = ("grpo", "rloo", "reinforce_pp_baseline", "gigpo")
-WHITEN_MODES = (None, "step", "token")
+
+# --------------------------------------------------------------------------- the registry
 
 
-# --------------------------------------------------------------------------- generic helpers
+class Scores(Protocol):
+    """What the estimators read of the critic's no-grad scores, in canonical order; None where
+    not scored. The trainer's `Scored` is one; `Values` builds one directly."""
+
+    @property
+    def step_values(self) -> torch.Tensor | None:
+        """(S,) V(s_t) at each step boundary (a step critic)."""
+
+    @property
+    def token_values(self) -> torch.Tensor | None:
+        """(N,) V at every action token (a token critic)."""
+
+    @property
+    def bootstrap(self) -> torch.Tensor | None:
+        """(B,) V(next state) of truncated trajectories (ignored where terminated; 0 if None)."""
+
+
+@dataclass(frozen=True)
+class Values:
+    """`Scores` given directly (tests, benchmarks, callers without the trainer)."""
+
+    step_values: torch.Tensor | None = None  # (S,)
+    token_values: torch.Tensor | None = None  # (N,)
+    bootstrap: torch.Tensor | None = None  # (B,)
+
+
+@dataclass
+class Credit:
+    """Advantages (and critic targets) in canonical flat order.
+
+    Shapes: ``step_advantages (S,)``, ``token_advantages (N,)``; ``returns`` is the critic target,
+    ``(S,)`` for a step critic, ``(N,)`` for a token critic, ``None`` without a critic.
+    """
+
+    step_advantages: torch.Tensor
+    token_advantages: torch.Tensor
+    returns: torch.Tensor | None
+
+    @classmethod
+    def from_steps(
+        cls, batch: StepBatch, step_advantages: torch.Tensor, returns: torch.Tensor | None = None
+    ) -> Credit:
+        """(S,) advantages per step, each copied to every action token of its step."""
+        return cls(step_advantages, batch.steps_to_tokens(step_advantages), returns)
+
+    @classmethod
+    def from_tokens(
+        cls, batch: StepBatch, token_advantages: torch.Tensor, returns: torch.Tensor | None = None
+    ) -> Credit:
+        """(N,) advantages per action token; a step's is its first token's (that of the state s_t)."""
+        return cls(token_advantages[batch.first_token], token_advantages, returns)
+
+
+CreditFn = Callable[[StepBatch, Scores, "AlgorithmConfig"], Credit]
+# Estimator name -> fn(batch, scored, algo) -> Credit, in the order they are defined below.
+ESTIMATOR_REGISTRY: dict[str, CreditFn] = {}
+
+
+def register_estimator(name: str) -> Callable[[CreditFn], CreditFn]:
+    """Decorator: register ``fn(batch, scored, algo) -> Credit`` as the estimator `name` (as
+    verl's ``register_adv_est``)."""
+
+    def register(fn: CreditFn) -> CreditFn:
+        if name in ESTIMATOR_REGISTRY:
+            taken = ESTIMATOR_REGISTRY[name].__name__
+            raise ValueError(f"estimator {name!r} is registered already, by {taken}")
+        ESTIMATOR_REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def get_estimator(name: str) -> CreditFn:
+    """The registered estimator `name`; a ValueError naming the known ones for any other name."""
+    if name not in ESTIMATOR_REGISTRY:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {tuple(ESTIMATOR_REGISTRY)}")
+    return ESTIMATOR_REGISTRY[name]
+
+
+def estimate_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """Advantages for a batch: the registered estimator ``algo.estimator``, then the shared
+    whitening ``algo.whiten``.
+
+    Whitening: ``"step"`` over steps (each step once, whatever its length), ``"token"`` over
+    action tokens (long steps weigh more), None leaves them; both with the unbiased std (see the
+    module doc). ``"step"`` needs one advantage per step, so it is refused for the token-level
+    estimators (`TOKEN_ESTIMATORS`). The estimators read ``algo.gamma, lam, token_discount,
+    normalize_std, gigpo_step_weight`` and, where they need a critic, `scored`.
+
+    All tensors are created on the batch's device (see the module doc).
+    """
+    estimator, mode = get_estimator(algo.estimator), algo.whiten
+    if mode not in WHITEN_MODES:
+        raise ValueError(f"whiten_mode must be one of {WHITEN_MODES}, got {mode!r}")
+    if mode == "step" and algo.estimator in TOKEN_ESTIMATORS:
+        raise ValueError(
+            f"whiten_mode='step' with the token-level estimator {algo.estimator!r} would replace "
+            "every token's advantage by its step's first token's; use whiten_mode='token' or None"
+        )
+    credit = estimator(batch, scored, algo)
+    if mode == "step":
+        adv = credit.step_advantages
+        return Credit.from_steps(batch, whiten(adv, torch.ones_like(adv, dtype=torch.bool)), credit.returns)
+    if mode == "token":
+        adv = credit.token_advantages
+        return Credit.from_tokens(batch, whiten(adv, torch.ones_like(adv, dtype=torch.bool)), credit.returns)
+    return credit
+
+
+# --------------------------------------------------------------------------- the estimators
+
+
+@register_estimator("step_gae")
+def step_gae_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """StepPO: GAE over the steps of each trajectory (the paper's step-level credit assignment), the critic read at step boundaries.
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma lam A_{t+1};
+    R_t = A_t + V(s_t) (the critic targets, (S,)), with V(s_{T+1}) = the bootstrap (0 after a
+    terminated step).
+    """
+    values = _needs(scored.step_values, "step_gae needs step_values: the critic's V_t at each step boundary")
+    adv, ret = step_gae(
+        _step_rewards(batch), batch.steps_to_padded(values), batch.step_mask, _bootstrap(batch, scored),
+        algo.gamma, algo.lam,
+    )
+    return Credit.from_steps(batch, batch.padded_to_steps(adv), batch.padded_to_steps(ret))
+
+
+@register_estimator("token_gae")
+def token_gae_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """PPO: GAE over each trajectory's action tokens, the critic read at every token (`token_gae`).
+
+    delta_i = r_i + g_i V_{i+1} - V_i;  A_i = delta_i + g_i l_i A_{i+1};  R_i = A_i + V_i, a step's
+    reward on its last token. With ``token_discount="step"`` g, l are gamma, lam across a step
+    boundary and 1 inside a step, so A_i = R_t - V_i telescopes, R_t the step-level GAE return on
+    the values at each step's first token: O(T), not O(K) (pinned against `token_gae`).
+    """
+    values = _needs(scored.token_values, "token_gae needs token_values: the critic's V at every action token")
+    boot = _bootstrap(batch, scored)
+    if algo.token_discount == "step":
+        first_values = batch.steps_to_padded(values[batch.first_token])
+        _, ret = step_gae(_step_rewards(batch), first_values, batch.step_mask, boot, algo.gamma, algo.lam)
+        returns = batch.steps_to_tokens(batch.padded_to_steps(ret))
+        return Credit.from_tokens(batch, returns - values, returns)
+    adv, ret = token_gae(
+        _token_rewards(batch), batch.tokens_to_padded(values), batch.token_mask, batch.step_end, boot,
+        algo.gamma, algo.lam, algo.token_discount,
+    )
+    return Credit.from_tokens(batch, batch.padded_to_tokens(adv), batch.padded_to_tokens(ret))
+
+
+@register_estimator("grpo")
+def grpo_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """GRPO: A_t = (R - mean_g R) / (std_g R + eps) at every step of a trajectory with outcome
+    R = sum_t r_t, within its task group g (`grpo`; ``normalize_std=False`` is Dr. GRPO)."""
+    adv = grpo(_outcomes(batch), batch.group, algo.normalize_std)
+    return Credit.from_steps(batch, batch.trajectories_to_steps(adv))
+
+
+@register_estimator("rloo")
+def rloo_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """RLOO: A_t = R - mean of the other group members' outcomes R', at every step (`rloo`)."""
+    return Credit.from_steps(batch, batch.trajectories_to_steps(rloo(_outcomes(batch), batch.group)))
+
+
+@register_estimator("reinforce_pp")
+def reinforce_pp_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """REINFORCE++: A_i = G_i, the discounted return from token i to the end of the trajectory
+    (no critic, no bootstrap), so an outcome reward reaches every earlier step (the paper's reference code lost it)."""
+    return Credit.from_tokens(batch, _return_to_go(batch, algo.gamma, algo.token_discount))
+
+
+@register_estimator("reinforce_pp_baseline")
+def reinforce_pp_baseline_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """REINFORCE++ with a group baseline: A_i = G_i - mean_{b' in g} G_{b'}(s_0), the return-to-go
+    minus the mean trajectory return (G at the first token) of the task group g."""
+    rtg = _return_to_go(batch, algo.gamma, algo.token_discount)
+    count, total, _ = _group_stats(rtg[batch.token_start], batch.group, batch.num_trajectories)
+    return Credit.from_tokens(batch, rtg - (total / count)[batch.token_traj])
+
+
+@register_estimator("gigpo")
+def gigpo_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """GiGPO: A_t = GRPO(R) + omega (G_t - mean_a G) / (std_a G + eps): the episode term plus the
+    step's discounted return G_t normalised within its anchor-state group a (`gigpo_step_term`)."""
+    episode = batch.trajectories_to_steps(grpo(_outcomes(batch), batch.group, algo.normalize_std))
+    returns = discounted_returns(_step_rewards(batch), batch.step_mask, algo.gamma)
+    step_term = gigpo_step_term(batch.padded_to_steps(returns), batch.anchor, algo.normalize_std)
+    return Credit.from_steps(batch, episode + algo.gigpo_step_weight * step_term)
+
+
+@register_estimator("broadcast")
+def broadcast_credit(batch: StepBatch, scored: Scores, algo: AlgorithmConfig) -> Credit:
+    """LightningRL: A_t = R = sum_t r_t, the trajectory's outcome copied to every step."""
+    return Credit.from_steps(batch, batch.trajectories_to_steps(_outcomes(batch)))
+
+
+# --------------------------------------------------------------------------- estimator inputs
+
+
+def _needs(x: torch.Tensor | None, message: str) -> torch.Tensor:
+    if x is None:
+        raise ValueError(message)
+    return x
+
+
+def _bootstrap(batch: StepBatch, scored: Scores) -> torch.Tensor:
+    """(B,) V(s_{T+1}): the critic's value of the next state where truncated, 0 where terminated."""
+    boot = scored.bootstrap
+    if boot is None:
+        return batch.rewards.new_zeros(batch.num_trajectories)
+    return torch.where(batch.terminated, 0.0, boot.to(batch.rewards.dtype))
+
+
+def _outcomes(batch: StepBatch) -> torch.Tensor:
+    """(B,) R = sum_t r_t, each trajectory's total reward."""
+    return batch.rewards.new_zeros(batch.num_trajectories).index_add_(0, batch.step_traj, batch.rewards)
+
+
+def _step_rewards(batch: StepBatch) -> torch.Tensor:
+    """(B, T) r_t on the padded step timeline, 0 at padding."""
+    return batch.steps_to_padded(batch.rewards)
+
+
+def _token_rewards(batch: StepBatch) -> torch.Tensor:
+    """(B, K) each step's reward on its last action token, 0 elsewhere."""
+    return torch.where(batch.step_end, batch.tokens_to_padded(batch.steps_to_tokens(batch.rewards)), 0)
+
+
+def _return_to_go(batch: StepBatch, gamma: float, discount: str) -> torch.Tensor:
+    """(N,) discounted return from each action token to the end of its trajectory (no bootstrap),
+    discounted once per step (``"step"``: the step's return, copied to its tokens) or at every
+    token (``"token"``)."""
+    if discount == "step":
+        returns = discounted_returns(_step_rewards(batch), batch.step_mask, gamma)
+        return batch.steps_to_tokens(batch.padded_to_steps(returns))
+    rewards = _token_rewards(batch)
+    no_boot = rewards.new_zeros(batch.num_trajectories)
+    adv, _ = token_gae(rewards, torch.zeros_like(rewards), batch.token_mask, batch.step_end, no_boot, gamma, 1.0, discount)
+    return batch.padded_to_tokens(adv)
+
+
+# --------------------------------------------------------------------------- kernels: whitening, GAE
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -76,14 +324,14 @@ def _gae(
     gamma: torch.Tensor | float,
     lam: torch.Tensor | float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward GAE over a left-aligned timeline; gamma/lam may be (B, H) per-position factors.
+    """The one GAE implementation: the backward loop over a left-aligned timeline (B, H),
+    vectorised over the batch; gamma/lam are floats or (B, H) per-position factors.
 
     delta_h = r_h + gamma_h * V_{h+1} - V_h, A_h = delta_h + gamma_h * lam_h * A_{h+1}, where the
-    value after the last real position is `bootstrap` and A after it is 0.
+    value after the last real position is `bootstrap` (B,) and A after it is 0. Returns
+    advantages and returns A + V, (B, H), 0 at padding.
     """
     B, H = rewards.shape
-    if isinstance(gamma, float) and isinstance(lam, float) and H <= _CLOSED_FORM_MAX_H:
-        return _gae_closed_form(rewards, values, mask, bootstrap, gamma, lam)
     gamma = torch.as_tensor(gamma, dtype=rewards.dtype, device=rewards.device).expand(B, H)
     lam = torch.as_tensor(lam, dtype=rewards.dtype, device=rewards.device).expand(B, H)
     adv = torch.zeros_like(rewards)
@@ -101,33 +349,7 @@ def _gae(
     return adv, returns
 
 
-# Up to this horizon, constant-factor GAE is one (B, H) x (H, H) product instead of a loop.
-_CLOSED_FORM_MAX_H = 128
-
-
-def _gae_closed_form(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    bootstrap: torch.Tensor,
-    gamma: float,
-    lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_h = sum_{k >= h} (gamma lam)^(k - h) delta_k, as delta @ D with D[k, h] = c^(k-h)."""
-    B, H = rewards.shape
-    lengths = mask.sum(1, keepdim=True)
-    pos = torch.arange(H, device=rewards.device).unsqueeze(0)
-    next_values = torch.cat([values[:, 1:], values.new_zeros(B, 1)], dim=1)
-    next_values = torch.where(pos == lengths - 1, bootstrap.to(values.dtype).unsqueeze(1), next_values)
-    delta = torch.where(mask, rewards + gamma * next_values - values, 0)
-    k = torch.arange(H, dtype=rewards.dtype, device=rewards.device)
-    gap = k.unsqueeze(1) - k.unsqueeze(0)  # gap[k, h] = k - h
-    discount = torch.where(gap >= 0, (gamma * lam) ** gap.clamp(min=0), 0).to(rewards.dtype)
-    adv = delta @ discount
-    return adv, torch.where(mask, adv + values, 0)
-
-
-# --------------------------------------------------------------------------- step level
+# --------------------------------------------------------------------------- kernels: step level
 
 
 def step_gae(
@@ -138,7 +360,7 @@ def step_gae(
     gamma: float = 1.0,
     lam: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """StepPO's estimator: GAE over steps (spec §3).
+    """GAE over steps (the paper's step-level credit assignment), the kernel of StepPO's estimator (`step_gae_credit`).
 
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  R_t = A_t + V_t,
     with V_{T+1} = bootstrap (0 after a terminated step, V(next state) after a truncated one).
@@ -157,7 +379,7 @@ def discounted_returns(
     return returns
 
 
-# --------------------------------------------------------------------------- token level
+# --------------------------------------------------------------------------- kernels: token level
 
 
 def token_gae(
@@ -180,7 +402,7 @@ def token_gae(
     step is discounted once, as in the step-level MDP. ``discount="token"`` applies them at
     every token, the textbook token MDP: with gamma = 0.99 a 500-token step then shrinks the
     next step's credit by 0.99^500 ~ 0.007, which erases cross-step credit and confounds any
-    comparison with step-level methods (the reference code's defect, spec §8.4).
+    comparison with step-level methods (a defect of the paper's reference code).
 
     Args: rewards, values, mask, step_end (B, K); bootstrap (B,). Returns advantages, returns.
     """
@@ -194,7 +416,7 @@ def token_gae(
     return _gae(rewards, values, mask, bootstrap, g, lmb)
 
 
-# --------------------------------------------------------------------------- trajectory level
+# --------------------------------------------------------------------------- kernels: trajectory level
 
 
 def _group_stats(
@@ -259,138 +481,3 @@ def gigpo_step_term(
     has = anchor >= 0
     ids = torch.where(has, anchor, S)
     return torch.where(has, grpo(step_returns, ids, normalize_std, num_groups=S + 1), 0)
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-@dataclass
-class Credit:
-    """Advantages (and critic targets) in canonical flat order.
-
-    Shapes: ``step_advantages (S,)``, ``token_advantages (N,)``; ``returns`` is the critic target,
-    ``(S,)`` for a step critic, ``(N,)`` for a token critic, ``None`` without a critic.
-    """
-
-    step_advantages: torch.Tensor
-    token_advantages: torch.Tensor
-    returns: torch.Tensor | None
-
-
-def estimate_credit(
-    batch: StepBatch,
-    estimator: str,
-    *,
-    step_values: torch.Tensor | None = None,
-    token_values: torch.Tensor | None = None,
-    bootstrap: torch.Tensor | None = None,
-    gamma: float = 1.0,
-    lam: float = 1.0,
-    whiten_mode: str | None = None,
-    token_discount: str = "step",
-    normalize_std: bool = True,
-    gigpo_step_weight: float = 1.0,
-) -> Credit:
-    """Advantages for a batch by estimator name.
-
-    Args:
-        step_values: (S,) V_t per step; needed by ``step_gae``.
-        token_values: (N,) V per action token; needed by ``token_gae``.
-        bootstrap: (B,) V(next state) of truncated trajectories (ignored where terminated);
-            zeros if omitted.
-        whiten_mode: ``"step"`` whitens over steps (each step once, whatever its length),
-            ``"token"`` over action tokens (long steps weigh more), None leaves them; both
-            with the unbiased std (see module doc). ``"step"`` needs one advantage per step,
-            so it is refused for the token-level estimators (`TOKEN_ESTIMATORS`).
-
-    All tensors are created on the batch's device (see module doc).
-    """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-    if whiten_mode not in WHITEN_MODES:
-        raise ValueError(f"whiten_mode must be one of {WHITEN_MODES}, got {whiten_mode!r}")
-    if whiten_mode == "step" and estimator in TOKEN_ESTIMATORS:
-        raise ValueError(
-            f"whiten_mode='step' with the token-level estimator {estimator!r} would replace every "
-            "token's advantage by its step's first token's; use whiten_mode='token' or None"
-        )
-    B = batch.num_trajectories
-    dtype = batch.rewards.dtype
-    boot = batch.rewards.new_zeros(B) if bootstrap is None else bootstrap.to(dtype)
-    boot = torch.where(batch.terminated, 0.0, boot)
-    step_mask = batch.step_mask
-    rewards = batch.steps_to_padded(batch.rewards)
-    outcomes = batch.rewards.new_zeros(B).index_add_(0, batch.step_traj, batch.rewards)
-    returns = None
-
-    if estimator == "step_gae":
-        if step_values is None:
-            raise ValueError("step_gae needs step_values: the critic's V_t at each step boundary")
-        adv, ret = step_gae(rewards, batch.steps_to_padded(step_values), step_mask, boot, gamma, lam)
-        step_adv, returns = batch.padded_to_steps(adv), batch.padded_to_steps(ret)
-        token_adv = None
-    elif estimator in ("token_gae", "reinforce_pp", "reinforce_pp_baseline"):
-        if estimator == "token_gae" and token_values is None:
-            raise ValueError("token_gae needs token_values: the critic's V at every action token")
-        first_tok = torch.cumsum(batch.response_lengths, 0) - batch.response_lengths
-        if token_discount == "step":
-            # Inside a step gamma = lam = 1, so token GAE telescopes to A_i = R_t - V_i, where
-            # R_t is step t's return from GAE over steps on the values at each step's first
-            # token: O(T) instead of a loop over every token (pinned against `token_gae`).
-            if estimator == "token_gae":
-                _, ret = step_gae(rewards, batch.steps_to_padded(token_values[first_tok]), step_mask, boot, gamma, lam)
-                step_ret = batch.padded_to_steps(ret)
-                returns = batch.steps_to_tokens(step_ret)
-                token_adv = returns - token_values
-            else:
-                # REINFORCE++: the discounted return over the whole trajectory (no critic, no
-                # bootstrap), so an outcome reward reaches every earlier step (spec §8.3).
-                token_adv = batch.steps_to_tokens(
-                    batch.padded_to_steps(discounted_returns(rewards, step_mask, gamma))
-                )
-        else:
-            step_end = batch.step_end
-            tok_rewards = torch.where(step_end, batch.tokens_to_padded(batch.steps_to_tokens(batch.rewards)), 0)
-            if estimator == "token_gae":
-                values, tok_boot, tok_lam = batch.tokens_to_padded(token_values), boot, lam
-            else:
-                values, tok_boot, tok_lam = torch.zeros_like(tok_rewards), boot.new_zeros(B), 1.0
-            adv, ret = token_gae(
-                tok_rewards, values, batch.token_mask, step_end, tok_boot, gamma, tok_lam, token_discount
-            )
-            token_adv = batch.padded_to_tokens(adv)
-            returns = batch.padded_to_tokens(ret) if estimator == "token_gae" else None
-        if estimator == "reinforce_pp_baseline" and B:
-            # Subtract the group's mean trajectory return from every token's return-to-go.
-            start_return = token_adv[first_tok[batch.step_slots[:, 0]]]
-            count, total, _ = _group_stats(start_return, batch.group, B)
-            token_adv = token_adv - (total / count)[batch.token_traj]
-        # A step's advantage is its first token's (the advantage of the state s_t).
-        step_adv = token_adv[first_tok]
-    elif estimator == "grpo":
-        step_adv = batch.trajectories_to_steps(grpo(outcomes, batch.group, normalize_std))
-        token_adv = None
-    elif estimator == "rloo":
-        step_adv = batch.trajectories_to_steps(rloo(outcomes, batch.group))
-        token_adv = None
-    elif estimator == "gigpo":
-        episode = batch.trajectories_to_steps(grpo(outcomes, batch.group, normalize_std))
-        step_ret = batch.padded_to_steps(discounted_returns(rewards, step_mask, gamma))
-        step_term = gigpo_step_term(step_ret, batch.anchor, normalize_std)
-        step_adv = episode + gigpo_step_weight * step_term
-        token_adv = None
-    else:  # broadcast (LightningRL): the trajectory's outcome copied to every step
-        step_adv = batch.trajectories_to_steps(outcomes)
-        token_adv = None
-
-    if whiten_mode == "step":
-        step_adv = whiten(step_adv, torch.ones_like(step_adv, dtype=torch.bool))
-        token_adv = None
-    elif whiten_mode == "token":
-        base = batch.steps_to_tokens(step_adv) if token_adv is None else token_adv
-        token_adv = whiten(base, torch.ones_like(base, dtype=torch.bool))
-        first_tok = torch.cumsum(batch.response_lengths, 0) - batch.response_lengths
-        step_adv = token_adv[first_tok]
-    if token_adv is None:
-        token_adv = batch.steps_to_tokens(step_adv)
-    return Credit(step_advantages=step_adv, token_advantages=token_adv, returns=returns)

@@ -3,7 +3,7 @@
 Aggregation is explicit: every loss is ``sum_i w_i * loss_i`` with per-token weights ``w``
 computed once for the whole mini-batch by `aggregation_weights`, so splitting a mini-batch into
 micro-batches (gradient accumulation) changes nothing and the weighting of long versus short
-steps or trajectories is a stated choice, not an accident of row counts (spec §8.9):
+steps or trajectories is a stated choice, not an accident of row counts (the paper's reference code counted mini-batches in rows):
 
 * ``token-mean``: every action token weighs 1/N; a long step or trajectory weighs more.
 * ``step-mean`` (seq-mean-token-mean with the step as the sequence): tokens are averaged within
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import torch
 
-RATIO_LEVELS = ("token", "step", "trajectory")
-AGGREGATIONS = ("token-mean", "step-mean", "trajectory-mean")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from steppo.core.choices import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS  # noqa: F401 (importable from here)
 
 
 def segment_mean(x: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -118,7 +116,7 @@ def policy_loss(
     ``(r_u / |u|) * sum_{i in u} w_i dloss_i/dr_u * grad log pi(a_j)`` for every pairing of
     ratio level and aggregation (with a step ratio, step-mean weights and a step-constant
     advantage this is ``w_j dloss_j/dr_u r_u grad log pi(a_j)``, the per-step objective of
-    spec §4). A unit's tokens must all be in the call (micro-batches keep steps and
+    the paper's step-level importance sampling). A unit's tokens must all be in the call (micro-batches keep steps and
     trajectories whole). Where the log-ratio clamp binds, r_u is constant and the unit gets no
     gradient.
 

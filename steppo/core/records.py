@@ -1,6 +1,6 @@
 """Step-level records: what each step of an agent saw and produced, as exact token ids.
 
-A `Step` is one transition of the step-level MDP (spec §2): the state is the token sequence the
+A `Step` is one transition of the paper's step-level MDP: the state is the token sequence the
 policy conditioned on (`prompt_ids`), the action is the whole response (`response_ids`), and the
 environment's answer arrives as the next step's prompt. A `Trajectory` is one episode: an ordered
 list of steps, the task (group) it came from, and how it ended.
@@ -85,13 +85,20 @@ class Trajectory:
         bootstrap_ids: token ids of the state after the last step, when the episode was
             truncated and that state is known; the critic reads V(next state) at its last token.
             Without it a truncated episode bootstraps from the last token of the final response.
-        info: free metadata (task, success, failure reason).
+        task_id: the task played (None for records built by hand).
+        success: whether the environment reported the task solved (None: not known).
+        end_reason: why the episode ended (``terminated``, ``truncated``, ``context_overflow``,
+            ...; see `steppo.rollout.engine`), None when not known.
+        info: free metadata (split, invalid actions, error text), never trained on.
     """
 
     steps: list[Step]
     id: str
     group_id: str
     bootstrap_ids: list[int] | None = None
+    task_id: str | None = None
+    success: bool | None = None
+    end_reason: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -100,31 +100,43 @@ def _describe(value: Any) -> str:
 
 
 @dataclass
-class EnvSettings:
-    """Settings every environment shares.
+class EnvOptions:
+    """Settings every environment shares that the config sets as they are: the config's ``env``
+    section (`steppo.config.EnvConfig`) and `EnvSettings` both extend this class, so each default
+    is written once and `steppo.envs.registry.env_factory` copies them generically.
 
     Attributes:
-        max_steps: episode step limit (the engine ends episodes there); None = the
-            environment's own default for its task family, filled in at construction.
         invalid_action_penalty: reward added for a malformed or inadmissible action.
         format_penalty: reward added when the response does not follow the required format
             (e.g. a missing tool-call block); counted with invalid actions.
-        show_admissible: list the valid commands in each observation.
-        max_new_tokens: the response budget this environment's actions need (used when
-            rollout.max_new_tokens is not set).
         react: ask for ReAct-style responses (a short thought, then the action); the action
             parsers read the action after the thought.
         step_delay_s: extra latency of every step (sleep), to model slow environments (a
             browser, a remote search API) in benchmarks.
     """
 
-    max_steps: int | None = 10
     invalid_action_penalty: float = 0.0
     format_penalty: float = 0.0
-    show_admissible: bool = True
-    max_new_tokens: int = 64
     react: bool = False
     step_delay_s: float = 0.0
+
+
+@dataclass
+class EnvSettings(EnvOptions):
+    """Settings every environment shares: `EnvOptions`, and the ones each environment class
+    defaults for its task family (`TextEnv.default_settings`).
+
+    Attributes:
+        max_steps: episode step limit (the engine ends episodes there); None = the
+            environment's own default for its task family, filled in at construction.
+        show_admissible: list the valid commands in each observation.
+        max_new_tokens: the response budget this environment's actions need (used when
+            rollout.max_new_tokens is not set).
+    """
+
+    max_steps: int | None = 10
+    show_admissible: bool = True
+    max_new_tokens: int = 64
 
 
 class TextEnv(abc.ABC):
@@ -218,7 +230,7 @@ class TextEnv(abc.ABC):
         return None
 
     def render(self, task_text: str, history: list[tuple[str, str]], observation: str) -> str:
-        """The whole next user message for ``context="env"`` (compressed state, spec §2):
+        """The whole next user message for ``context="env"`` (a compressed state of the step-level MDP):
         the task, the last few actions with their results, and the current observation.
         Environments with a richer state override this."""
         lines = [task_text]
@@ -234,5 +246,5 @@ class TextEnv(abc.ABC):
         result = self.step(response)
         return result, self.render(task_text, history, result.observation)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most environments hold nothing to release
         """Release external resources (a JVM, a game process)."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from steppo.envs.base import EnvError, EnvSettings, TextEnv
+
+from steppo.envs.base import EnvError, EnvOptions, EnvSettings, TextEnv
 
 ENVIRONMENTS: dict[str, str] = {
     "compass": "steppo.envs.compass:CompassEnv",
@@ -46,17 +47,14 @@ REACT_MIN_NEW_TOKENS = 96  # response budget of a ReAct step (a short thought, t
 
 
 def env_factory(cfg) -> EnvFactory:
-    """The configured environment's constructor.
+    """The configured environment's constructor: the environment's default settings, with the
+    config's `EnvOptions` fields as they are, and ``max_steps`` / ``show_admissible`` where the
+    config sets them (None = the environment's default).
 
-    Args: cfg: `steppo.config.EnvConfig`.
+    Args: cfg: `steppo.config.EnvConfig` (an `EnvOptions`).
     """
     settings = env_class(cfg.name).default_settings()
-    updates = {
-        "invalid_action_penalty": cfg.invalid_action_penalty,
-        "format_penalty": cfg.format_penalty,
-        "react": cfg.react,
-        "step_delay_s": cfg.step_delay_s,
-    }
+    updates = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EnvOptions)}
     if cfg.react:  # a thought before the action needs room: never less than REACT_MIN_NEW_TOKENS
         updates["max_new_tokens"] = max(settings.max_new_tokens, REACT_MIN_NEW_TOKENS)
     if cfg.max_steps is not None:

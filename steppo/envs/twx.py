@@ -40,10 +40,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 from steppo.envs.base import SPLITS, EnvError, EnvSettings, Task, TextEnv, Transition

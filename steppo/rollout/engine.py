@@ -34,25 +34,25 @@ reward) and of the success rates, and counted apart (``env_failures``).
 from __future__ import annotations
 
 import dataclasses
-
-import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
+from steppo.config import RolloutSettings  # the config's rollout section (defaults live there)
+from steppo.core.choices import CONTEXTS, SCHEDULES, check_choices  # noqa: F401 (importable from here)
 from steppo.core.records import Step, Trajectory
 from steppo.envs.base import EnvOutputError, EnvSettings, Task, TextEnv, Transition, checked_reset, checked_transition
 from steppo.models.chat import ChatFormat
 from steppo.models.generation import Sample
 from steppo.rollout.workers import EnvWorker, WorkerPool
+from steppo.seeding import derived_seed
 
-CONTEXTS = ("cumulative", "window", "env")
 WORKER_STARTUP_S = 300.0  # longest a replacement worker may take to start before its call times out
-SCHEDULES = ("continuous", "rounds")
 FAILED = ("env_error", "env_timeout")  # end reasons of episodes the environment failed (not outcomes)
 
 
@@ -73,56 +73,6 @@ class GenerationBackend(Protocol):
     ) -> list[Sample]: ...
 
     def release(self, key: str) -> None: ...
-
-
-@dataclass
-class RolloutSettings:
-    """How episodes are run.
-
-    Attributes:
-        context: cumulative | window | env (see module doc).
-        window: turns kept by the window context.
-        max_new_tokens: generation budget of one step (None = the environment's).
-        context_limit: longest prompt + response, in tokens.
-        temperature: sampling temperature (the trainer scores with the same).
-        max_batch: most episodes in one generation call.
-        num_envs: environment workers (episodes running at once).
-        env_workers: thread | process | ray (see `steppo.rollout.workers`).
-        ray_address: Ray cluster for ``ray`` workers (None: start a local one; ``auto``: join
-            the running cluster).
-        ray_cpus_per_env: CPUs each environment actor reserves.
-        backend: local (the training model generates, transformers, per-episode KV caches) |
-            vllm (a vLLM engine fed the policy's weights after every update; see
-            `steppo.rollout.vllm_backend`).
-        vllm_gpu_memory_utilization: GPU memory fraction the vLLM engine may take.
-        step_timeout_s: longest env.reset / env.step before the episode is failed.
-        schedule: continuous | rounds (see module doc).
-        kv_cache: keep each episode's keys/values between steps (cumulative context only), so a
-            step prefills only its new observation tokens.
-        bootstrap_time_limit: treat the environment's step limit as a cut (truncated:
-            bootstrap with V(next state)) instead of the end of the task (terminal, return 0).
-            Off by default: when the limit is part of the task (ALFWorld's 50 steps, an
-            evaluation that counts it as failure) the return after it is 0, the critic never
-            sees states beyond it, and bootstrapping from them lets a policy collect value by
-            stalling. Context overflows and environment failures always bootstrap.
-    """
-
-    context: str = "cumulative"
-    window: int = 2
-    max_new_tokens: int | None = None
-    context_limit: int = 4096
-    temperature: float = 1.0
-    max_batch: int = 64
-    num_envs: int = 16
-    env_workers: str = "thread"
-    ray_address: str | None = None
-    ray_cpus_per_env: float = 0.25
-    backend: str = "local"
-    vllm_gpu_memory_utilization: float = 0.4
-    step_timeout_s: float = 60.0
-    schedule: str = "rounds"
-    kv_cache: bool = True
-    bootstrap_time_limit: bool = False
 
 
 @dataclass
@@ -152,14 +102,14 @@ class Episode:
 class RolloutResult:
     """Finished trajectories plus what happened to every episode."""
 
-    def portable(self) -> "RolloutResult":
+    def portable(self) -> RolloutResult:
         """A copy that pickles (for gathering across ranks): episodes without their worker
         handle and sampling generator."""
         eps = [dataclasses.replace(e, worker=None, generator=None) for e in self.episodes]
         return dataclasses.replace(self, episodes=eps)
 
     @staticmethod
-    def merge(parts: "list[RolloutResult]") -> "RolloutResult":
+    def merge(parts: list[RolloutResult]) -> RolloutResult:
         """One result from the shares data-parallel ranks played (in rank order)."""
         return RolloutResult(
             trajectories=[t for p in parts for t in p.trajectories],
@@ -211,8 +161,7 @@ class RolloutResult:
 
 def episode_generator(seed: int, *parts: object) -> torch.Generator:
     """A CPU generator seeded from (seed, parts), e.g. (iteration, episode index)."""
-    digest = hashlib.sha256(repr((seed, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator().manual_seed(derived_seed(seed, parts))
 
 
 class RolloutEngine:
@@ -228,10 +177,7 @@ class RolloutEngine:
         env_settings: EnvSettings,
         stop_ids: set[int] | None = None,
     ):
-        if settings.context not in CONTEXTS:
-            raise ValueError(f"rollout.context must be one of {CONTEXTS}, got {settings.context!r}")
-        if settings.schedule not in SCHEDULES:
-            raise ValueError(f"rollout.schedule must be one of {SCHEDULES}, got {settings.schedule!r}")
+        check_choices(settings, "rollout")  # settings built in code skip the config's load-time check
         self.settings = settings
         self.chat = chat
         self.backend = backend
@@ -470,11 +416,11 @@ class RolloutEngine:
             id=f"{ep.task.id}#{ep.index}",
             group_id=ep.group_id,
             bootstrap_ids=ep.bootstrap_ids if ep.steps[-1].truncated else None,
+            task_id=ep.task.id,
+            success=ep.success,
+            end_reason=ep.end_reason,
             info={
-                "task_id": ep.task.id,
                 "split": ep.task.split,
-                "success": ep.success,
-                "end_reason": ep.end_reason,
                 "invalid_actions": ep.invalid_actions,
                 "error": ep.error,
             },

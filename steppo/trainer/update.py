@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
+import numpy as np
 import torch
 
+from steppo.config import Config, TrainerConfig
 from steppo.core.algorithms import AlgorithmConfig
 from steppo.core.batch import StepBatch, build_layout, input_tokens
 from steppo.core.credit import Credit, estimate_credit
@@ -65,18 +67,6 @@ class NonFiniteGuard:
             )
 
 
-@dataclass
-class UpdateSettings:
-    epochs: int
-    minibatch_steps: int
-    micro_batch_tokens: int
-    max_grad_norm: float
-    layout: str
-    old_logprobs: str
-    train_policy: bool  # False during critic warm-up
-    row_tokens: int | None = None
-
-
 def blocks(trajs: Sequence[Trajectory], layout: str) -> list[list[int]]:
     """Units that mini- and micro-batches never split: one trajectory each, or for the tree
     layout a whole task group (its members share their prompt's tokens)."""
@@ -108,15 +98,8 @@ def chunk_by_tokens(trajs: Sequence[Trajectory], units: list[list[int]], budget:
 
 def flat_ranges(batch: StepBatch, order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices into the full batch's flat step and token tensors of the trajectories in
-    `order`, in their canonical order (concatenated)."""
-    steps_per = batch.step_mask.sum(1)
-    tokens_per = batch.token_mask.sum(1)
-    step_start = torch.cumsum(steps_per, 0) - steps_per
-    tok_start = torch.cumsum(tokens_per, 0) - tokens_per
-    idx = torch.tensor(order, dtype=torch.long)
-    step_idx = torch.cat([torch.arange(int(step_start[i]), int(step_start[i] + steps_per[i])) for i in idx]) if order else idx
-    tok_idx = torch.cat([torch.arange(int(tok_start[i]), int(tok_start[i] + tokens_per[i])) for i in idx]) if order else idx
-    return step_idx, tok_idx
+    `order`, in their canonical order (concatenated); see `StepBatch.flat_ranges`."""
+    return batch.flat_ranges(order)
 
 
 @dataclass
@@ -185,26 +168,14 @@ def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajector
 
 
 def compute_credit(algo: AlgorithmConfig, batch: StepBatch, scored: Scored) -> Credit:
-    return estimate_credit(
-        batch,
-        algo.estimator,
-        step_values=scored.step_values,
-        token_values=scored.token_values,
-        bootstrap=scored.bootstrap,
-        gamma=algo.gamma,
-        lam=algo.lam,
-        whiten_mode=algo.whiten,
-        token_discount=algo.token_discount,
-        normalize_std=algo.normalize_std,
-        gigpo_step_weight=algo.gigpo_step_weight,
-    )
+    """The preset's credit: its estimator from the registry of `steppo.core.credit` (`Scored`
+    gives the critic's values), then the shared whitening."""
+    return estimate_credit(batch, scored, algo)
 
 
 def ratio_denominator(mode: str, batch: StepBatch, scored: Scored) -> torch.Tensor:
     """(N,) log-probs the clipped ratio is taken against: ``recompute`` = the trainer's own
     scores at the start of the update (the proximal policy), ``rollout`` = the sampler's."""
-    if mode not in ("recompute", "rollout"):
-        raise ValueError(f"old_logprobs must be recompute or rollout, got {mode!r}")
     return scored.logprobs if mode == "recompute" else batch.old_logprobs
 
 
@@ -230,9 +201,10 @@ def correct_staleness(algo: AlgorithmConfig, batch: StepBatch, scored: Scored, c
     return w
 
 
-def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, trajs: Sequence[Trajectory],
-               batch: StepBatch, scored: Scored, credit: Credit, policy_opt: "Optimiser",
-               critic_opt: "Optimiser | None",
+def ppo_update(models: Models, algo: AlgorithmConfig, trainer: TrainerConfig, layout_kind: str, train_policy: bool,
+               trajs: Sequence[Trajectory],
+               batch: StepBatch, scored: Scored, credit: Credit, policy_opt: Optimiser,
+               critic_opt: Optimiser | None,
                rng: random.Random, pad_id: int, dist: Distributed | None = None,
                guard: NonFiniteGuard | None = None) -> dict[str, float]:
     """Epochs of clipped updates; returns mean statistics over optimiser steps (NaN where a
@@ -248,36 +220,34 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
     dist = dist or Distributed(policy=models.policy, critic=models.critic)
     policy, critic = dist.policy, dist.critic
     shared_critic = models.critic is not None and models.critic.shared
-    old_lp = ratio_denominator(settings.old_logprobs, batch, scored)
+    old_lp = ratio_denominator(trainer.old_logprobs, batch, scored)
     token_critic = algo.critic_level == "token"
     old_values = scored.token_values if token_critic else scored.step_values
     sums: dict[str, float] = {}
     n_updates = skipped = 0
     policy.train()
-    tok_pos = torch.full((batch.num_tokens,), -1, dtype=torch.long)
-    for _ in range(settings.epochs):
-        order = blocks(trajs, settings.layout)
+    for _ in range(trainer.epochs):
+        order = blocks(trajs, layout_kind)
         rng.shuffle(order)
-        for mb_units in _minibatches(trajs, order, settings.minibatch_steps):
+        for mb_units in _minibatches(trajs, order, trainer.minibatch_steps):
             mb = [i for unit in mb_units for i in unit]
-            mb_steps, mb_toks = flat_ranges(batch, mb)
-            tok_pos[mb_toks] = torch.arange(len(mb_toks))  # global token index -> mini-batch position
-            sub = StepBatch.from_trajectories([trajs[i] for i in mb])
+            sub = batch.select(mb)  # the mini-batch, indexed once
+            position = {t: k for k, t in enumerate(mb)}  # trajectory -> its index in `sub`
             weights = aggregation_weights(algo.aggregation, sub.token_step, sub.step_traj)
             units, n_units = ratio_units(algo.ratio_level, sub.token_step, sub.token_traj, sub.num_steps,
                                          sub.num_trajectories)
-            n_vals = len(mb_toks) if token_critic else len(mb_steps)
+            n_vals = sub.num_tokens if token_critic else sub.num_steps
             stats: dict[str, float] = {}
-            mine = assign(trajs, mb_units, dist.world, settings.layout)[dist.rank]
-            micros: list[list[int] | None] = list(chunk_by_tokens(trajs, mine, settings.micro_batch_tokens, settings.layout))
+            mine = assign(trajs, mb_units, dist.world, layout_kind)[dist.rank]
+            micros: list[list[int] | None] = list(chunk_by_tokens(trajs, mine, trainer.micro_batch_tokens, layout_kind))
             micros += [None] * (dist.max_int(len(micros)) - len(micros))
             for micro in micros:
                 real = micro is not None
                 micro = micro if real else mb_units[0]  # zero-weight: keeps collectives in step
                 scale = dist.loss_scale if real else 0.0
-                m_steps, m_toks = flat_ranges(batch, micro)
-                ts = tok_pos[m_toks]
-                layout = build_layout([trajs[i] for i in micro], settings.layout, pad_id, settings.row_tokens).to(device)
+                m_steps, m_toks = flat_ranges(batch, micro)  # in the batch
+                _, ts = flat_ranges(sub, [position[i] for i in micro])  # the same tokens in `sub`
+                layout = build_layout([trajs[i] for i in micro], layout_kind, pad_id, trainer.row_tokens).to(device)
                 w = weights[ts].to(device)
                 loss = torch.zeros((), device=device)
                 with autocast(device, models.dtype):
@@ -298,7 +268,7 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
                         policy_terms = policy_terms + algo.kl_coef * kl
                         _acc(stats, "policy/kl_ref", kl, real)
                     _acc(stats, "policy/entropy", (w * ent).sum(), real)
-                    if settings.train_policy:
+                    if train_policy:
                         loss = loss + policy_terms
                     if critic is not None:
                         values = models.critic.values(hidden) if shared_critic else critic(layout)
@@ -316,13 +286,13 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
             if dist.active:
                 stats = _sum_over_ranks(dist, stats)
             # every rank sees the same reduced losses and gradient norms, so all skip together
-            if settings.train_policy:
-                stats["policy/grad_norm"] = policy_opt.clip(settings.max_grad_norm)
+            if train_policy:
+                stats["policy/grad_norm"] = policy_opt.clip(trainer.max_grad_norm)
             else:
                 policy_opt.zero_grad()
             if critic_opt is not None:
-                stats["critic/grad_norm"] = critic_opt.clip(settings.max_grad_norm)
-            checked = ("policy/loss", "policy/grad_norm") if settings.train_policy else ()
+                stats["critic/grad_norm"] = critic_opt.clip(trainer.max_grad_norm)
+            checked = ("policy/loss", "policy/grad_norm") if train_policy else ()
             bad = [k for k in checked + ("critic/loss", "critic/grad_norm") if k in stats and not math.isfinite(stats[k])]
             if bad:
                 policy_opt.zero_grad()
@@ -330,7 +300,7 @@ def ppo_update(models: Models, algo: AlgorithmConfig, settings: UpdateSettings, 
                     critic_opt.zero_grad()
                 skipped += 1
             else:
-                if settings.train_policy:
+                if train_policy:
                     policy_opt.apply()
                 if critic_opt is not None:
                     critic_opt.apply()
@@ -394,13 +364,6 @@ class Optimiser:
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-
 
 def _minibatches(trajs: Sequence[Trajectory], units: list[list[int]], steps_per_mb: int) -> list[list[list[int]]]:
     """Consecutive groups of `units` holding about `steps_per_mb` steps each (0 = one group
@@ -428,3 +391,69 @@ def critic_metrics(credit: Credit, scored: Scored, algo: AlgorithmConfig) -> dic
         "critic/value_mean": float(values.mean()) if values.numel() else 0.0,
         "critic/return_mean": float(credit.returns.mean()) if credit.returns.numel() else 0.0,
     }
+
+
+# ----------------------------------------------------------------------------- one update, in order
+
+
+def update(models: Models, cfg: Config, trajs: Sequence[Trajectory], policy_opt: Optimiser, critic_opt: Optimiser | None,
+           rng: random.Random, pad_id: int, dist: Distributed | None, guard: NonFiniteGuard | None,
+           train_policy: bool, policy_version: int) -> tuple[dict[str, float], Scored, Credit, int]:
+    """One update on a batch of finished trajectories, top to bottom:
+
+    1. batch: the trajectories as flat step/token records (`StepBatch`);
+    2. score: the current policy's log-probs, the critic's values and the reference's
+       log-probs, no grad, in one pass over the batch (`score_batch`);
+    3. credit: advantages and critic targets by the preset's estimator (`compute_credit`,
+       the registry of `steppo.core.credit`);
+    4. staleness (asynchronous training only): advantages times the truncated step-level
+       weight min(pi_prox / pi_behaviour, c), ratios against the proximal policy
+       (`correct_staleness`);
+    5. loss: epochs x mini-batches of the clipped policy loss (`steppo.core.losses`) and the
+       critic's loss, with the non-finite guard (`ppo_update`);
+    6. metrics.
+
+    `cfg`: the run's `Config`; `train_policy`: False during the critic's warm-up;
+    `policy_version`: the version being updated (the lag of each step is measured from it).
+    Returns (metrics, scored, credit, tokens trained on).
+    """
+    algo, t, layout = cfg.algo, cfg.trainer, cfg.layout
+    stale = t.async_rollout
+    batch = StepBatch.from_trajectories(trajs)
+    scored = score_batch(models, algo, trajs, batch, layout, t.micro_batch_tokens, pad_id, t.row_tokens, dist=dist)
+    drift = float((scored.logprobs - batch.old_logprobs).abs().max())
+    credit = compute_credit(algo, batch, scored)
+    metrics: dict[str, float] = {}
+    if stale:
+        lag = [policy_version - s.policy_version for traj in trajs for s in traj.steps]
+        w = correct_staleness(algo, batch, scored, credit, t.is_truncation, t.old_logprobs)
+        metrics.update({"async/staleness_mean": float(np.mean(lag)), "async/staleness_max": float(max(lag)),
+                        "async/is_weight_mean": float(w.mean()),
+                        "async/is_weight_truncated_frac": float((w >= t.is_truncation).float().mean()),
+                        "async/behaviour_logprob_drift_max_abs": drift})
+    else:
+        metrics["rollout/logprob_parity_max_abs"] = drift
+    metrics.update(ppo_update(models, algo, t, layout, train_policy, trajs, batch, scored, credit, policy_opt,
+                              critic_opt, rng, pad_id, dist=dist, guard=guard))
+    metrics.update(critic_metrics(credit, scored, algo))
+    metrics["credit/advantage_mean"] = float(credit.step_advantages.mean())
+    metrics["credit/advantage_std"] = float(credit.step_advantages.std()) if batch.num_steps > 1 else 0.0
+    for k in range(min(int(batch.step_index.max()) + 1, 8)):
+        metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[batch.step_index == k].mean())
+    return metrics, scored, credit, t.epochs * input_tokens(trajs, layout)
+
+
+def check_finite_weights(it: int, models: Models, dist: Distributed) -> None:
+    """Refuse to go on (and so ever to save) with non-finite policy or critic weights."""
+    bad = []
+    for label, module in (("policy", models.policy), ("critic", models.critic)):
+        if module is None:
+            continue
+        for name, p in module.named_parameters():
+            x = p.detach()
+            x = x.to_local() if hasattr(x, "to_local") else x  # FSDP2 shard
+            if x.numel() and not bool(torch.isfinite(x).all()):
+                bad.append(f"{label}.{name}")
+    if dist.max_int(len(bad)) > 0:
+        raise NonFiniteError(f"iteration {it}: non-finite weights after the update ({', '.join(bad[:3]) or 'on another rank'}"
+                             f"{'...' if len(bad) > 3 else ''}); stopping without saving them")

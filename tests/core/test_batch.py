@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from steppo.core.batch import StepBatch, build_layout
-from steppo.core.credit import estimate_credit
 from steppo.core.losses import segment_mean
 from steppo.core.records import RecordError, Step, Trajectory
 from tests.conftest import causal_readout, make_batch, make_trajectory
+from tests.core.helpers import credit_of
 
 
 def _step(prompt, response, **kw):
@@ -73,6 +73,59 @@ def test_step_batch_hand_example():
         [True, False, False, False, False, False],
     ]
     assert batch.last_step().tolist() == [2, 3]
+    assert batch.step_start.tolist() == [0, 3] and batch.token_start.tolist() == [0, 6]
+    assert batch.steps_per_trajectory.tolist() == [3, 1] and batch.tokens_per_trajectory.tolist() == [6, 1]
+    assert batch.first_token.tolist() == [0, 2, 3, 6]
+
+
+def _three_trajectories():
+    a, b = _two_trajectories()
+    c = Trajectory(
+        steps=[
+            Step(prompt_ids=[5], response_ids=[6, 7], logprobs=[-0.1, -0.2], reward=2.0, anchor="x", policy_version=4),
+            Step(prompt_ids=[5, 6, 7], response_ids=[8], logprobs=[-0.3], reward=-1.0, terminated=True,
+                 anchor="y", policy_version=5),
+        ],
+        id="c",
+        group_id="other",
+    )
+    a.steps[0].anchor = a.steps[2].anchor = "x"
+    return [a, b, c]
+
+
+def test_select_slices_every_field_hand_example():
+    """Batch a (3 steps, 6 tokens), b (1, 1), c (2, 3); select [c, a]: steps 4-5 then 0-2, tokens
+    7-9 then 0-5; flat ids renumbered; group and anchor ids dense in order of first appearance."""
+    batch = StepBatch.from_trajectories(_three_trajectories())
+    steps, tokens = batch.flat_ranges([2, 0])
+    assert steps.tolist() == [4, 5, 0, 1, 2] and tokens.tolist() == [7, 8, 9, 0, 1, 2, 3, 4, 5]
+    sub = batch.select([2, 0])
+    assert sub.step_slots.tolist() == [[0, 1, -1], [2, 3, 4]]
+    assert sub.token_slots.tolist() == [[0, 1, 2, -1, -1, -1], [3, 4, 5, 6, 7, 8]]
+    assert sub.step_traj.tolist() == [0, 0, 1, 1, 1]
+    assert sub.token_step.tolist() == [0, 0, 1, 2, 2, 3, 4, 4, 4]
+    assert sub.token_traj.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1]
+    for name in ("step_index", "rewards", "response_lengths", "policy_version"):
+        assert torch.equal(getattr(sub, name), getattr(batch, name)[steps]), name
+    assert torch.equal(sub.old_logprobs, batch.old_logprobs[tokens])
+    for name in ("terminated", "truncated"):
+        assert torch.equal(getattr(sub, name), getattr(batch, name)[[2, 0]]), name
+    assert batch.group.tolist() == [0, 0, 1] and sub.group.tolist() == [0, 1]
+    assert batch.anchor.tolist() == [0, -1, 0, -1, 1, 2] and sub.anchor.tolist() == [0, 1, 2, -1, 2]
+    assert sub.first_token.tolist() == [0, 2, 3, 5, 6]
+    assert sub.rewards.tolist() == [2.0, -1.0, 0.0, 0.0, 1.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), num=st.integers(1, 8), data=st.data())
+def test_select_equals_collating_the_selected_trajectories(seed, num, data):
+    trajs = make_batch(seed, num=num, groups=3)
+    idx = data.draw(st.lists(st.integers(0, num - 1), unique=True, max_size=num))
+    sub = StepBatch.from_trajectories(trajs).select(idx)
+    want = StepBatch.from_trajectories([trajs[i] for i in idx])
+    for name in want.__dataclass_fields__:
+        assert torch.equal(getattr(sub, name), getattr(want, name)), name
+        assert getattr(sub, name).dtype == getattr(want, name).dtype, name
 
 
 def test_per_step_layout_hand_example():
@@ -135,10 +188,10 @@ def _per_step_numbers(trajs, kind):
     S = batch.num_steps
     logprob_sums = torch.zeros(S, dtype=torch.float64).index_add_(0, batch.token_step, token_logprobs)
     log_ratio = segment_mean(token_logprobs - batch.old_logprobs.double(), batch.token_step, S)
-    credit = estimate_credit(
+    credit = credit_of(
         batch, "step_gae", step_values=values.float(), bootstrap=boot.float(), gamma=0.9, lam=0.8, whiten_mode="step"
     )
-    token_credit = estimate_credit(
+    token_credit = credit_of(
         batch, "token_gae", token_values=token_values.float(), bootstrap=boot.float(), gamma=0.9, lam=0.8
     )
     return dict(

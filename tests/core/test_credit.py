@@ -8,18 +8,23 @@ from hypothesis import strategies as st
 
 from steppo.core.batch import StepBatch
 from steppo.core.credit import (
+    ESTIMATOR_REGISTRY,
     ESTIMATORS,
     TOKEN_ESTIMATORS,
     discounted_returns,
     estimate_credit,
+    get_estimator,
     grpo,
+    register_estimator,
     rloo,
     step_gae,
+    step_gae_credit,
     token_gae,
     whiten,
 )
 from steppo.core.records import Step, Trajectory
 from tests.conftest import make_batch
+from tests.core.helpers import credit_of
 
 T = torch.tensor
 
@@ -156,8 +161,8 @@ def test_token_gae_with_one_token_steps_equals_step_gae():
     batch = StepBatch.from_trajectories(trajs)
     values = torch.randn(batch.num_steps)
     boot = torch.randn(3)
-    a = estimate_credit(batch, "step_gae", step_values=values, bootstrap=boot, gamma=0.9, lam=0.7)
-    b = estimate_credit(batch, "token_gae", token_values=values, bootstrap=boot, gamma=0.9, lam=0.7)
+    a = credit_of(batch, "step_gae", step_values=values, bootstrap=boot, gamma=0.9, lam=0.7)
+    b = credit_of(batch, "token_gae", token_values=values, bootstrap=boot, gamma=0.9, lam=0.7)
     torch.testing.assert_close(a.step_advantages, b.step_advantages)
     torch.testing.assert_close(a.returns, b.returns)
 
@@ -180,7 +185,7 @@ def test_rloo_hand_computed_and_lone_member():
 def test_gigpo_combines_episode_and_anchor_step_terms():
     a = _traj([0.0, 1.0], tid="a", anchors=["s0", "s1"])
     b = _traj([0.0, 0.0], tid="b", anchors=["s0", "s2"])
-    credit = estimate_credit(StepBatch.from_trajectories([a, b]), "gigpo", gamma=1.0)
+    credit = credit_of(StepBatch.from_trajectories([a, b]), "gigpo", gamma=1.0)
     e = 0.5 / (math.sqrt(0.5) + 1e-6)
     # Episode term +-e; step term: s0 holds a's step 0 (return 1) and b's step 0 (return 0).
     torch.testing.assert_close(credit.step_advantages, T([2 * e, e, -2 * e, -e]))
@@ -190,13 +195,13 @@ def test_gigpo_anchors_never_match_across_task_groups():
     a = _traj([1.0], tid="a", group="task1", anchors=["s0"])
     b = _traj([0.0], tid="b", group="task2", anchors=["s0"])
     c = _traj([1.0], tid="c", group="task1", anchors=["s9"])
-    credit = estimate_credit(StepBatch.from_trajectories([a, b, c]), "gigpo")
+    credit = credit_of(StepBatch.from_trajectories([a, b, c]), "gigpo")
     torch.testing.assert_close(credit.step_advantages, T([0.0, 0.0, 0.0]))
 
 
 def test_reinforce_pp_passes_the_outcome_to_earlier_steps():
     batch = StepBatch.from_trajectories([_traj([0.0, 0.0, 1.0], lengths=[1, 2, 1])])
-    credit = estimate_credit(batch, "reinforce_pp", gamma=0.5)
+    credit = credit_of(batch, "reinforce_pp", gamma=0.5)
     torch.testing.assert_close(credit.token_advantages, T([0.25, 0.5, 0.5, 1.0]))
     torch.testing.assert_close(credit.step_advantages, T([0.25, 0.5, 1.0]))
     assert credit.returns is None
@@ -204,13 +209,13 @@ def test_reinforce_pp_passes_the_outcome_to_earlier_steps():
 
 def test_reinforce_pp_baseline_subtracts_the_group_mean_return():
     batch = StepBatch.from_trajectories([_traj([0.0, 1.0], tid="a"), _traj([0.0], tid="b")])
-    credit = estimate_credit(batch, "reinforce_pp_baseline", gamma=1.0)
+    credit = credit_of(batch, "reinforce_pp_baseline", gamma=1.0)
     torch.testing.assert_close(credit.token_advantages, T([0.5, 0.5, -0.5]))
 
 
 def test_broadcast_copies_the_outcome_to_every_step_and_token():
     batch = StepBatch.from_trajectories([_traj([0.5, 1.0], lengths=[2, 1], tid="a"), _traj([-1.0], tid="b")])
-    credit = estimate_credit(batch, "broadcast")
+    credit = credit_of(batch, "broadcast")
     torch.testing.assert_close(credit.step_advantages, T([1.5, 1.5, -1.0]))
     torch.testing.assert_close(credit.token_advantages, T([1.5, 1.5, 1.5, -1.0]))
 
@@ -226,7 +231,7 @@ def test_discounted_returns_hand_computed():
 def test_step_whitening_counts_each_step_once_whatever_its_length():
     def credit(lengths):
         batch = StepBatch.from_trajectories([_traj([1.0, 2.0], lengths=lengths)])
-        return estimate_credit(batch, "step_gae", step_values=T([0.0, 0.0]), whiten_mode="step")
+        return credit_of(batch, "step_gae", step_values=T([0.0, 0.0]), whiten_mode="step")
 
     short, long_ = credit([1, 1]), credit([1, 100])
     # Pre-whitening advantages [3, 2]: mean 2.5, unbiased std sqrt((0.25 + 0.25) / 1) = 0.707107,
@@ -234,7 +239,7 @@ def test_step_whitening_counts_each_step_once_whatever_its_length():
     torch.testing.assert_close(short.step_advantages, T([0.707107, -0.707107]), atol=1e-6, rtol=0)
     torch.testing.assert_close(long_.step_advantages, short.step_advantages)
     assert torch.all(long_.token_advantages[1:] == long_.step_advantages[1])
-    tok = estimate_credit(
+    tok = credit_of(
         StepBatch.from_trajectories([_traj([1.0, 2.0], lengths=[1, 100])]),
         "step_gae", step_values=T([0.0, 0.0]), whiten_mode="token",
     )
@@ -264,8 +269,8 @@ def test_grpo_and_whitening_share_one_std_rule():
     # broadcast's outcomes whitened per step equal GRPO when there is one group of one-step episodes
     batch = StepBatch.from_trajectories([_traj([float(v)], tid=f"t{i}") for i, v in enumerate(x.tolist())])
     torch.testing.assert_close(
-        estimate_credit(batch, "broadcast", whiten_mode="step").step_advantages,
-        estimate_credit(batch, "grpo").step_advantages, atol=1e-5, rtol=0,
+        credit_of(batch, "broadcast", whiten_mode="step").step_advantages,
+        credit_of(batch, "grpo").step_advantages, atol=1e-5, rtol=0,
     )
 
 
@@ -274,9 +279,9 @@ def test_step_whitening_of_token_level_advantages_is_refused(estimator):
     batch = StepBatch.from_trajectories([_traj([0.0, 1.0], lengths=[2, 3], tid="a"), _traj([1.0], tid="b")])
     kw = dict(token_values=0.1 * torch.arange(batch.num_tokens, dtype=torch.float32))
     with pytest.raises(ValueError, match="whiten_mode='token' or None"):
-        estimate_credit(batch, estimator, whiten_mode="step", **kw)
+        credit_of(batch, estimator, whiten_mode="step", **kw)
     for mode in ("token", None):
-        credit = estimate_credit(batch, estimator, whiten_mode=mode, gamma=0.5, **kw)
+        credit = credit_of(batch, estimator, whiten_mode=mode, gamma=0.5, **kw)
         if estimator == "token_gae":  # A_i = R_t - V_i differs between the tokens of step 1
             assert len(set(credit.token_advantages[2:5].tolist())) == 3
 
@@ -319,9 +324,9 @@ def test_every_estimator_is_finite_on_random_and_degenerate_batches(estimator, w
         )
         if refused:
             with pytest.raises(ValueError, match="whiten_mode='step'"):
-                estimate_credit(batch, estimator, **kw)
+                credit_of(batch, estimator, **kw)
             continue
-        credit = estimate_credit(batch, estimator, **kw)
+        credit = credit_of(batch, estimator, **kw)
         assert credit.step_advantages.shape == (batch.num_steps,)
         assert credit.token_advantages.shape == (batch.num_tokens,)
         assert torch.isfinite(credit.step_advantages).all()
@@ -330,29 +335,55 @@ def test_every_estimator_is_finite_on_random_and_degenerate_batches(estimator, w
 
 def test_terminated_trajectories_ignore_the_bootstrap_value():
     batch = StepBatch.from_trajectories([_traj([1.0, 0.0], end="terminated")])
-    a = estimate_credit(batch, "step_gae", step_values=T([0.2, 0.3]), bootstrap=T([0.0]))
-    b = estimate_credit(batch, "step_gae", step_values=T([0.2, 0.3]), bootstrap=T([99.0]))
+    a = credit_of(batch, "step_gae", step_values=T([0.2, 0.3]), bootstrap=T([0.0]))
+    b = credit_of(batch, "step_gae", step_values=T([0.2, 0.3]), bootstrap=T([99.0]))
     torch.testing.assert_close(a.step_advantages, b.step_advantages)
 
 
 def test_estimators_reject_missing_values_and_unknown_names():
     batch = StepBatch.from_trajectories([_traj([1.0])])
     with pytest.raises(ValueError, match="step_values"):
-        estimate_credit(batch, "step_gae")
+        credit_of(batch, "step_gae")
     with pytest.raises(ValueError, match="token_values"):
-        estimate_credit(batch, "token_gae")
+        credit_of(batch, "token_gae")
     with pytest.raises(ValueError, match="unknown estimator"):
-        estimate_credit(batch, "td0")
+        credit_of(batch, "td0")
     with pytest.raises(ValueError, match="whiten_mode"):
-        estimate_credit(batch, "grpo", whiten_mode="batch")
+        credit_of(batch, "grpo", whiten_mode="batch")
+    with pytest.raises(ValueError, match=r"unknown estimator 'td0'; choose one of \('step_gae', 'token_gae'"):
+        get_estimator("td0")
+
+
+def test_the_registry_holds_every_estimator_name():
+    assert sorted(ESTIMATOR_REGISTRY) == sorted(ESTIMATORS)
+    assert len(ESTIMATOR_REGISTRY) == len(ESTIMATORS)
+    assert get_estimator("step_gae") is step_gae_credit  # the steppo preset's credit
+    with pytest.raises(ValueError, match="registered already"):
+        register_estimator("grpo")(lambda batch, scored, algo: None)
+    assert ESTIMATOR_REGISTRY["grpo"].__name__ == "grpo_credit"
+
+
+def test_estimate_credit_takes_the_trainer_scores_and_a_preset():
+    """The trainer's call: its `Scored` as the scores, a preset as the settings (whitening too)."""
+    from steppo.core.algorithms import preset
+    from steppo.trainer.update import Scored
+
+    batch = StepBatch.from_trajectories([_traj([0.0, 1.0], lengths=[2, 1], tid="a"), _traj([0.5], tid="b")])
+    values, boot = T([0.1, 0.2, 0.3]), T([0.0, 0.0])
+    scored = Scored(logprobs=torch.zeros(4), step_values=values, token_values=None, bootstrap=boot, ref_logprobs=None)
+    got = estimate_credit(batch, scored, preset("steppo"))
+    want = credit_of(batch, "step_gae", step_values=values, bootstrap=boot, whiten_mode="step")
+    torch.testing.assert_close(got.step_advantages, want.step_advantages)
+    torch.testing.assert_close(got.token_advantages, want.token_advantages)
+    torch.testing.assert_close(got.returns, want.returns)
 
 
 @settings(max_examples=40, deadline=None)
 @given(data=step_tensors(), gamma=st.floats(0, 1), lam=st.floats(0, 1))
-def test_closed_form_gae_equals_the_backward_loop(data, gamma, lam):
+def test_constant_and_per_position_gae_factors_agree(data, gamma, lam):
     rewards, values, mask, boot = data
     B, H = rewards.shape
-    fast = step_gae(rewards, values, mask, boot, gamma, lam)  # float factors: closed form
+    fast = step_gae(rewards, values, mask, boot, gamma, lam)  # float factors
     loop = step_gae(rewards, values, mask, boot, torch.full((B, H), gamma), torch.full((B, H), lam))
     for a, b in zip(fast, loop):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -367,7 +398,7 @@ def test_token_level_fast_path_equals_the_token_loop(seed, gamma, lam):
     g = torch.Generator().manual_seed(seed)
     tv, boot = torch.randn(batch.num_tokens, generator=g), torch.randn(batch.num_trajectories, generator=g)
     boot = torch.where(batch.terminated, 0.0, boot)
-    credit = estimate_credit(batch, "token_gae", token_values=tv, bootstrap=boot, gamma=gamma, lam=lam)
+    credit = credit_of(batch, "token_gae", token_values=tv, bootstrap=boot, gamma=gamma, lam=lam)
     rewards = torch.where(batch.step_end, batch.tokens_to_padded(batch.steps_to_tokens(batch.rewards)), 0)
     adv, ret = token_gae(
         rewards, batch.tokens_to_padded(tv), batch.token_mask, batch.step_end, boot,
@@ -375,7 +406,7 @@ def test_token_level_fast_path_equals_the_token_loop(seed, gamma, lam):
     )
     torch.testing.assert_close(credit.token_advantages, batch.padded_to_tokens(adv), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(credit.returns, batch.padded_to_tokens(ret), rtol=1e-4, atol=1e-4)
-    fast = estimate_credit(batch, "reinforce_pp", gamma=gamma, token_discount="step")
+    fast = credit_of(batch, "reinforce_pp", gamma=gamma, token_discount="step")
     slow_adv, _ = token_gae(
         rewards, torch.zeros_like(rewards), batch.token_mask, batch.step_end,
         torch.zeros(batch.num_trajectories), torch.tensor(gamma), torch.tensor(1.0), "step",

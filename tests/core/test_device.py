@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from steppo.core.batch import LAYOUTS, StepBatch, build_layout
-from steppo.core.credit import ESTIMATORS, TOKEN_ESTIMATORS, estimate_credit, step_gae, token_gae, whiten
+from steppo.core.credit import ESTIMATORS, TOKEN_ESTIMATORS, step_gae, token_gae, whiten
 from steppo.core.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -30,6 +30,7 @@ from steppo.core.losses import (
     value_loss,
 )
 from tests.conftest import make_batch, make_trajectory
+from tests.core.helpers import credit_of
 
 META = torch.device("meta")
 
@@ -74,11 +75,11 @@ def test_every_estimator_runs_on_meta(estimator, whiten_mode, token_discount, dt
     _, cpu, batch = _batch(dtype=dtype)
     if whiten_mode == "step" and estimator in TOKEN_ESTIMATORS:
         with pytest.raises(ValueError, match="whiten_mode='step'"):  # refused before any work
-            estimate_credit(batch, estimator, token_values=torch.zeros(cpu.num_tokens, device=META), whiten_mode="step")
+            credit_of(batch, estimator, token_values=torch.zeros(cpu.num_tokens, device=META), whiten_mode="step")
         return
     S, N, B = cpu.num_steps, cpu.num_tokens, cpu.num_trajectories
     with OnlyMeta():
-        credit = estimate_credit(
+        credit = credit_of(
             batch, estimator,
             step_values=torch.zeros(S, dtype=dtype, device=META),
             token_values=torch.zeros(N, dtype=dtype, device=META),
@@ -86,7 +87,7 @@ def test_every_estimator_runs_on_meta(estimator, whiten_mode, token_discount, dt
             gamma=0.9, lam=0.8, whiten_mode=whiten_mode, token_discount=token_discount,
         )
         # the defaults: no bootstrap given (zeros made by the core), values only where needed
-        default = estimate_credit(
+        default = credit_of(
             batch, estimator,
             step_values=torch.zeros(S, dtype=dtype, device=META) if estimator == "step_gae" else None,
             token_values=torch.zeros(N, dtype=dtype, device=META) if estimator == "token_gae" else None,
@@ -100,7 +101,7 @@ def test_every_estimator_runs_on_meta(estimator, whiten_mode, token_discount, dt
             assert c.returns.device == META and c.returns.dtype == dtype
 
 
-@pytest.mark.parametrize("H", [5, 200])  # closed form (H <= 128) and the backward loop
+@pytest.mark.parametrize("H", [5, 200])
 def test_gae_paths_run_on_meta(H):
     B = 3
     rewards, values = torch.zeros(B, H, device=META), torch.zeros(B, H, device=META)

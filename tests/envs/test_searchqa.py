@@ -7,8 +7,8 @@ pytest.importorskip("bm25s")
 from steppo.envs.actions import tool_call_text  # noqa: E402
 from steppo.envs.base import EnvSettings  # noqa: E402
 from steppo.envs.qa_data import (  # noqa: E402
-    PassageIndex,
     Passage,
+    PassageIndex,
     exact_match,
     f1_score,
     hash_split,

@@ -82,7 +82,7 @@ def test_estimator_equals_steppo_step_gae_over_the_steps(seed, gamma, lam):
     v_steps = torch.zeros(len(steps), K)
     m = torch.zeros(len(steps), K, dtype=torch.bool)
     for b, runs in enumerate(steps):
-        for k, (s, e) in enumerate(runs):
+        for k, (s, _end) in enumerate(runs):
             # a step's reward: its tokens and the tool tokens after it, up to the next step
             nxt = runs[k + 1][0] if k + 1 < len(runs) else mask.shape[1]
             r_steps[b, k] = rewards[b, (0 if k == 0 else s):nxt].sum()

@@ -1,4 +1,3 @@
-import threading
 import time
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def test_context_overflow_ends_the_episode_as_truncated_without_crashing(tiny_mo
     reasons = {e.end_reason for e in result.episodes}
     assert "context_overflow" in reasons
     for traj in result.trajectories:
-        if traj.info["end_reason"] == "context_overflow":
+        if traj.end_reason == "context_overflow":
             assert traj.truncated and traj.bootstrap_ids is None
     assert result.metrics()["rollout/context_overflows"] > 0
     # A first prompt over the budget: no steps, no trajectory, counted.
@@ -101,7 +100,8 @@ def test_context_overflow_ends_the_episode_as_truncated_without_crashing(tiny_mo
 
 
 def test_malformed_tool_calls_are_counted_not_fatal(tiny_models):
-    factory = lambda: CompassEnv(EnvSettings(max_steps=3, format_penalty=-0.1), action_format="tool_call")
+    def factory():
+        return CompassEnv(EnvSettings(max_steps=3, format_penalty=-0.1), action_format="tool_call")
     engine = make_engine(tiny_models, factory=factory)
     result = run(engine, n=4)
     engine.close()
@@ -184,7 +184,7 @@ def _hung_environment_is_replaced(tiny_models, kind):
 
 def test_process_workers_run_episodes_and_kill_a_hung_environment(tiny_models):
     result = _hung_environment_is_replaced(tiny_models, "process")
-    ok = [t for t in result.trajectories if t.info["end_reason"] != "env_timeout"]
+    ok = [t for t in result.trajectories if t.end_reason != "env_timeout"]
     for traj in ok:
         for prev, nxt in zip(traj.steps, traj.steps[1:]):
             assert nxt.prompt_ids[: len(prev.context_ids)] == prev.context_ids

@@ -45,7 +45,7 @@ def test_bad_step_output_ends_the_episode_not_the_run(tiny_models, case):
     assert failed and all(e.end_reason == "env_error" and message in e.error for e in failed), \
         [e.error for e in failed]
     assert any(e.end_reason != "env_error" for e in result.episodes)  # the others played on
-    assert {t.info["task_id"] for t in result.trajectories}.isdisjoint({e.task.id for e in failed})
+    assert {t.task_id for t in result.trajectories}.isdisjoint({e.task.id for e in failed})
     m = result.metrics()
     assert m["rollout/env_failures"] == len(failed)
     ok = [e for e in result.episodes if e not in failed]

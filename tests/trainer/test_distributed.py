@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from steppo.config import ModelConfig
+from steppo.config import ModelConfig, TrainerConfig
 from steppo.core.algorithms import preset
 from steppo.core.batch import StepBatch
 from steppo.models.build import build_models
 from steppo.trainer.distributed import assign, full_state_dict, init_process_group, wrap
-from steppo.trainer.update import Optimiser, UpdateSettings, compute_credit, ppo_update, score_batch
+from steppo.trainer.update import Optimiser, compute_credit, ppo_update, score_batch
 from tests.conftest import make_batch
 
-SETTINGS = dict(epochs=2, minibatch_steps=12, micro_batch_tokens=120, max_grad_norm=0.5, layout="prefix_shared",
-                old_logprobs="rollout", train_policy=True)
+SETTINGS = TrainerConfig(epochs=2, minibatch_steps=12, micro_batch_tokens=120, max_grad_norm=0.5, old_logprobs="rollout")
 
 
 def _update(tiny_dir, algo_name: str, strategy: str, rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -39,7 +38,7 @@ def _update(tiny_dir, algo_name: str, strategy: str, rank: int, world: int) -> d
     credit = compute_credit(algo, batch, scored)
     policy_opt = Optimiser([p for p in models.policy.parameters() if p.requires_grad], 1e-3, 0)
     critic_opt = Optimiser(list(models.critic.parameters()), 1e-3, 0) if models.critic is not None else None
-    stats = ppo_update(models, algo, UpdateSettings(**SETTINGS), trajs, batch, scored, credit, policy_opt, critic_opt,
+    stats = ppo_update(models, algo, SETTINGS, "prefix_shared", True, trajs, batch, scored, credit, policy_opt, critic_opt,
                        random.Random(1), 0, dist=dist if world > 1 else None)
     out = {f"policy.{k}": v for k, v in full_state_dict(models.policy).items()}
     if models.critic is not None:

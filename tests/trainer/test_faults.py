@@ -9,7 +9,6 @@ import json
 import math
 import threading
 
-import pytest
 import torch
 
 from steppo.cli import main

@@ -1,0 +1,352 @@
+"""Reporting of a comparison (`steppo compare`): results, statistics, tables and plots.
+
+`collect` reads every run directory of a protocol (``metrics.jsonl`` and ``evals.jsonl``);
+`write_results` writes ``results.json``, ``table.md`` and the PNG plots. The statistics are
+the ones the protocols pre-register (``configs/compare/compass.yaml``):
+
+- per preset: mean +- std over seeds of the final held-out success (greedy and sampled);
+- StepPO against each baseline: the paired difference (same seed = same warm start, same
+  held-out tasks) with a 95% percentile interval from a two-level bootstrap (seeds with
+  replacement, then tasks with replacement within each seed, the same tasks for both presets;
+  seeds only when per-task outcomes are missing);
+- env steps to reach the seed's starting success + 0.10; the final critic loss (mean of the
+  last 5 updates); the ablation table (full / w/o step GAE / w/o step IS / w/o both = PPO).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Presets whose MDP is step-level: their per-step advantages are plotted by step index.
+STEP_LEVEL = ("steppo", "steppo_no_step_gae", "steppo_no_step_is", "gigpo", "lightningrl")
+# One colour per preset in every figure.
+COLOURS = {
+    "steppo": "#d62728", "ppo": "#1f77b4", "reinforce_pp": "#ff7f0e", "reinforce_pp_baseline": "#bcbd22",
+    "grpo": "#2ca02c", "rloo": "#9467bd", "gspo": "#8c564b", "gigpo": "#e377c2", "lightningrl": "#17becf",
+    "steppo_no_step_gae": "#7f7f7f", "steppo_no_step_is": "#393b79",
+}
+ABLATIONS = (("steppo", "full StepPO"), ("steppo_no_step_gae", "w/o step-level GAE"),
+             ("steppo_no_step_is", "w/o step-level IS"), ("ppo", "w/o both (PPO)"))
+RESAMPLES = 10_000
+THRESHOLD_GAIN = 0.10
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of `path` (torn lines skipped), [] when it is missing."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _final_outcomes(run_dir: Path, iteration: int | None) -> dict[str, str]:
+    """Per-task outcome strings of the evaluation at `iteration`, by mode (greedy / sampled)."""
+    found: dict[str, str] = {}
+    for r in _records(run_dir / "evals.jsonl"):
+        if r.get("iteration") == iteration:
+            found[r["mode"]] = r["outcomes"]  # the last record wins (a resumed run re-evaluates)
+    return found
+
+
+def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str, Any]:
+    runs: dict[str, dict[str, Any]] = {}
+    for preset in proto["presets"]:
+        runs[preset] = {}
+        for seed in proto["seeds"]:
+            run_dir = root / preset / f"seed{seed}"
+            records = _records(run_dir / "metrics.jsonl")
+            evals = [r for r in records if r.get("eval/success") is not None]
+            adv_keys = sorted({k for r in records for k in r if k.startswith("credit/advantage_step")},
+                              key=lambda k: int(k.rsplit("step", 1)[1]))
+            critic = [{"env_steps": r["env_steps"], "loss": r["critic/loss"]}
+                      for r in records if r.get("critic/loss") is not None]
+            final_it = evals[-1]["iteration"] if evals else None
+            runs[preset][str(seed)] = {
+                "curve": [{"iteration": r["iteration"], "env_steps": r.get("env_steps", 0),
+                           "success": r["eval/success"], "success_sampled": r.get("eval_sampled/success")}
+                          for r in evals],
+                "final_success": evals[-1]["eval/success"] if evals else None,
+                "final_success_sampled": evals[-1].get("eval_sampled/success") if evals else None,
+                "final_outcomes": _final_outcomes(run_dir, final_it),
+                "env_steps": records[-1].get("env_steps") if records else 0,
+                "iterations": records[-1].get("iteration") if records else 0,
+                "critic_loss": critic,
+                "final_critic_loss": _mean([c["loss"] for c in critic[-5:]]),
+                "advantage_by_step": [_mean([r[k] for r in records if r.get(k) is not None]) for k in adv_keys],
+                "wall_s": walls.get((preset, seed)),
+            }
+    return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
+            "base": proto["base"], "runs": runs, "zero_shot": zero}
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _mean_std(xs: list[float | None]) -> tuple[float, float]:
+    """Mean and (Bessel) std over the values that are numbers (None and NaN are not scores)."""
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def paired_difference(results: dict[str, Any], a: str, b: str, mode: str = "greedy",
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
+    """success(a) - success(b) at the final evaluation, mean over the seeds both finished, with
+    a 95% percentile bootstrap interval. Two levels (seeds, then tasks within each seed, the
+    same tasks for a and b) when every seed has per-task outcomes of the same tasks; seeds
+    only otherwise (``level`` says which). None without a common finished seed."""
+    key = "final_success" if mode == "greedy" else "final_success_sampled"
+    ra, rb = results["runs"].get(a, {}), results["runs"].get(b, {})
+    seeds = [s for s in ra if s in rb and ra[s].get(key) is not None and rb[s].get(key) is not None
+             and not math.isnan(ra[s][key]) and not math.isnan(rb[s][key])]
+    if not seeds:
+        return None
+    rng = np.random.default_rng(seed)
+    outs = [(ra[s].get("final_outcomes", {}).get(mode), rb[s].get("final_outcomes", {}).get(mode)) for s in seeds]
+    tasks_level = all(x and y and len(x) == len(y) for x, y in outs) and len({len(x) for x, _ in outs}) == 1
+    if tasks_level:
+        # per seed and task: +1, 0, -1; a task the environment failed in either run counts 0
+        d = np.array([[(ca == "1") - (cb == "1") if "x" not in (ca, cb) else 0 for ca, cb in zip(x, y)]
+                      for x, y in outs], dtype=np.float64)  # (S, T)
+        point = float(d.mean())
+        n_seeds, n_tasks = d.shape
+        stats = np.empty(resamples)
+        for lo in range(0, resamples, 500):  # chunks keep memory at 500 x S x T
+            hi = min(lo + 500, resamples)
+            si = rng.integers(0, n_seeds, size=(hi - lo, n_seeds))
+            ti = rng.integers(0, n_tasks, size=(hi - lo, n_seeds, n_tasks))
+            stats[lo:hi] = d[si[..., None], ti].mean(axis=(1, 2))
+    else:
+        d = np.array([ra[s][key] - rb[s][key] for s in seeds], dtype=np.float64)
+        point = float(d.mean())
+        stats = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return {"a": a, "b": b, "mode": mode, "seeds": len(seeds), "level": "seeds x tasks" if tasks_level else "seeds",
+            "difference": point, "ci95": [float(low), float(high)], "half_width": float((high - low) / 2),
+            "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def steps_to_threshold(run: dict[str, Any], gain: float = THRESHOLD_GAIN) -> float | None:
+    """Env steps at the first evaluation whose greedy success is at least the start's + `gain`
+    (None: not reached, or no evaluations)."""
+    curve = [p for p in run.get("curve", []) if p["success"] is not None and not math.isnan(p["success"])]
+    if not curve:
+        return None
+    target = curve[0]["success"] + gain
+    return next((float(p["env_steps"]) for p in curve[1:] if p["success"] >= target - 1e-12), None)
+
+
+def statistics_of(results: dict[str, Any], reference: str = "steppo") -> dict[str, Any]:
+    """The pre-registered statistics of a comparison (see the module doc)."""
+    presets = results["presets"]
+    out: dict[str, Any] = {"per_preset": {}, "paired": {}, "best_baseline": None}
+    for p in presets:
+        runs = results["runs"][p].values()
+        reached = [steps_to_threshold(r) for r in runs]
+        out["per_preset"][p] = {
+            "greedy": _mean_std([r["final_success"] for r in runs]),
+            "sampled": _mean_std([r["final_success_sampled"] for r in runs]),
+            "steps_to_threshold": _mean([x for x in reached if x is not None]),
+            "threshold_reached": f"{sum(x is not None for x in reached)}/{len(reached)}",
+            "final_critic_loss": _mean_std([r.get("final_critic_loss") for r in runs]),
+        }
+    if reference in presets:
+        baselines = [p for p in presets if p != reference and not p.startswith(reference + "_")]
+        for b in [p for p in presets if p != reference]:
+            out["paired"][b] = {m: paired_difference(results, reference, b, m) for m in ("greedy", "sampled")}
+        scored = [(out["per_preset"][b]["greedy"][0], b) for b in baselines
+                  if not math.isnan(out["per_preset"][b]["greedy"][0])]
+        out["best_baseline"] = max(scored)[1] if scored else None
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt_ms(ms: tuple[float, float]) -> str:
+    return "-" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = []
+    for preset in results["presets"]:
+        per = results["runs"][preset].values()
+        g = _mean_std([r["final_success"] for r in per])
+        smp = _mean_std([r["final_success_sampled"] for r in per])
+        steps = _mean_std([r["env_steps"] for r in per])
+        wall = _mean_std([r["wall_s"] for r in per])
+        rows.append((preset, g, smp, steps, wall))
+    best_g = max((r[1][0] for r in rows if not math.isnan(r[1][0])), default=None)
+    best_s = max((r[2][0] for r in rows if not math.isnan(r[2][0])), default=None)
+
+    def cell(ms: tuple[float, float], best: float | None) -> str:
+        if math.isnan(ms[0]):
+            return "-"
+        text = f"{ms[0]:.3f} ± {ms[1]:.3f}"
+        return f"**{text}**" if best is not None and abs(ms[0] - best) < 1e-12 else text
+
+    n = len(results["seeds"])
+    lines = [
+        f"| preset | held-out success, greedy (mean ± std, {n} seeds) | sampled | env steps | wall s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    if results.get("zero_shot"):
+        zs = list(results["zero_shot"].values())
+        lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - |")
+    for preset, g, smp, steps, wall in rows:
+        wall_text = "-" if math.isnan(wall[0]) else f"{wall[0]:.0f}"
+        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {wall_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def _diff_cell(p: dict | None) -> str:
+    if p is None:
+        return "-"
+    lo, hi = p["ci95"]
+    text = f"{p['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"**{text}**" if p["excludes_zero"] else text
+
+
+def statistics_tables(results: dict[str, Any], stats: dict[str, Any], reference: str = "steppo") -> str:
+    """The paired-difference, secondary-outcome and ablation tables (Markdown)."""
+    if reference not in results["presets"] or not stats["paired"]:
+        return ""
+    levels = {p["level"] for d in stats["paired"].values() for p in d.values() if p}
+    lines = [f"\n**{reference} − baseline**, paired by seed, final evaluation, 95% bootstrap interval "
+             f"({', '.join(sorted(levels))}; bold: the interval excludes 0). Best baseline: "
+             f"{stats['best_baseline']}.\n",
+             "| baseline | greedy difference [95% CI] | sampled difference [95% CI] | seeds |", "|---|---:|---:|---:|"]
+    for b, d in stats["paired"].items():
+        seeds = (d["greedy"] or d["sampled"] or {}).get("seeds", 0)
+        lines.append(f"| {b} | {_diff_cell(d['greedy'])} | {_diff_cell(d['sampled'])} | {seeds} |")
+    lines += ["", f"| preset | env steps to start + {THRESHOLD_GAIN:.2f} (greedy; mean over seeds that reached it) | "
+              "reached | final critic loss |", "|---|---:|---:|---:|"]
+    for p, s in stats["per_preset"].items():
+        steps = "-" if s["steps_to_threshold"] is None else f"{s['steps_to_threshold']:.0f}"
+        lines.append(f"| {p} | {steps} | {s['threshold_reached']} | {_fmt_ms(s['final_critic_loss'])} |")
+    present = [(p, name) for p, name in ABLATIONS if p in results["presets"]]
+    if len(present) > 1:
+        lines += ["", "| ablation | greedy success | sampled | difference to full StepPO (greedy) [95% CI] |",
+                  "|---|---:|---:|---:|"]
+        for p, name in present:
+            s = stats["per_preset"][p]
+            diff = "-" if p == reference else _diff_cell(stats["paired"][p]["greedy"])
+            lines.append(f"| {name} (`{p}`) | {_fmt_ms(s['greedy'])} | {_fmt_ms(s['sampled'])} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _band(series: list[list[dict]], key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """x (mean env steps), mean, min and max of `key` over seeds at the points every seed has."""
+    n = min(len(points) for points in series)
+    xs = [statistics.mean(points[i]["env_steps"] for points in series) for i in range(n)]
+    cols = [[points[i][key] for points in series if points[i][key] is not None] for i in range(n)]
+    return (xs, [statistics.mean(c) if c else math.nan for c in cols],
+            [min(c) if c else math.nan for c in cols], [max(c) if c else math.nan for c in cols])
+
+
+def plots(results: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    n = len(results["seeds"])
+    for key, label, name in (("success", "greedy", "success.png"), ("success_sampled", "sampled", "success_sampled.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        drawn = False
+        for preset in results["presets"]:
+            curves = [r["curve"] for r in results["runs"][preset].values() if r["curve"]]
+            if not curves or all(p[key] is None for c in curves for p in c):
+                continue
+            xs, mean, lo, hi = _band(curves, key)
+            colour = COLOURS.get(preset)
+            ax.plot(xs, mean, marker="o", ms=3, label=preset, color=colour, lw=2.2 if preset == "steppo" else 1.2)
+            if n > 1:
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(f"held-out success ({label}; mean, band = min-max over {n} seeds)")
+        ax.set_title(results["protocol"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        written.append(_save(fig, out / name))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for preset in results["presets"]:
+        runs = [r["critic_loss"] for r in results["runs"][preset].values() if r["critic_loss"]]
+        if not runs:
+            continue
+        xs, mean, lo, hi = _band(runs, "loss")
+        ax.plot(xs, mean, label=preset, color=COLOURS.get(preset))
+        if n > 1:
+            ax.fill_between(xs, lo, hi, color=COLOURS.get(preset), alpha=0.12, lw=0)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("critic loss (mean over seeds)")
+    ax.set_title(f"{results['protocol']}: critic loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "critic_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for preset in results["presets"]:
+        if preset not in STEP_LEVEL:
+            continue
+        adv = [r["advantage_by_step"] for r in results["runs"][preset].values() if r["advantage_by_step"]]
+        if not adv:
+            continue
+        k = min(len(a) for a in adv)
+        ys = [statistics.mean(a[i] for a in adv if a[i] is not None) for i in range(k)]
+        ax.plot(range(k), ys, marker="o", ms=3, label=preset, color=COLOURS.get(preset))
+    ax.set_xlabel("step index within the episode")
+    ax.set_ylabel("mean advantage (over iterations and seeds)")
+    ax.set_title(f"{results['protocol']}: advantage by step")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    written.append(_save(fig, out / "advantage_by_step.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """results.json (with the statistics), table.md and the plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    stats = statistics_of(results)
+    results["statistics"] = stats
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(results) + statistics_tables(results, stats))
+    plots(results, out)
