@@ -8,6 +8,7 @@
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
     steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
     steppo config                                 # every key, its default and what it does (--yaml)
+    steppo view runs/default                      # one HTML page: every sampled step, values, advantages
     torchrun --nproc_per_node 8 -m steppo.cli train --config ...  # DDP / FSDP (trainer.parallel)
 
 Heavy modules (torch, transformers) load inside the subcommands, so ``steppo --help`` and
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--overwrite", action="store_true",
                             help="delete the run already in run.output_dir, then start a new one")
         if name == "eval":
-            sp.add_argument("--checkpoint", help="checkpoint directory (…/checkpoints/iter_N)")
+            sp.add_argument("--checkpoint", help="checkpoint directory (…/checkpoints/iter_N), …/checkpoints/latest, "
+                            "or a run directory (its newest intact checkpoint); the run's config.yaml is the base")
             sp.add_argument("--split", help="split to evaluate (default env.eval_split)")
             sp.add_argument("--episodes", type=int, help="episodes (default trainer.eval_episodes)")
             sp.add_argument("--sampled", action="store_true", help="sample instead of greedy decoding")
@@ -63,17 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--runs", help="run directories (default runs/compare/<protocol name>)")
     gp = sub.add_parser("config", help="list every config key with its default and what it does")
     gp.add_argument("--yaml", action="store_true", help="print the defaults as a YAML config file instead")
+    vp = sub.add_parser("view", help="write one HTML page of a run's sampled steps and curves (see steppo.view)")
+    vp.add_argument("run", help="run directory (with samples.jsonl and metrics.jsonl)")
+    vp.add_argument("--out", help="HTML file to write (default RUN/view.html)")
+    vp.add_argument("--serve", action="store_true", help="serve the page on http://127.0.0.1:PORT/ instead")
+    vp.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free one)")
+    vp.add_argument("--iteration", type=int, help="step charts of this iteration only (default: every iteration)")
     return p
 
 
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    # a log file or pipe: no 80-column wrapping of tables and messages
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def _say(console):
-    """Messages as plain lines (paths unwrapped and copyable, no markup read into them)."""
+    """Messages as plain lines on stderr (paths unwrapped and copyable, no markup read into them)."""
     return lambda message: console.print(message, soft_wrap=True, markup=False, highlight=False)
 
 
@@ -81,6 +90,7 @@ def cmd_train(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
+    from steppo.progress import IterationLines, describe_metrics, interactive
     from steppo.trainer.trainer import Trainer
 
     console = _console()
@@ -96,20 +106,25 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, log=_say(console))
+    _INTERRUPTED["iteration"] = trainer.iteration
+    show = cfg.run.progress and trainer.dist.is_main
+    live = show and interactive() and interactive(console.file)  # a bar on a terminal; else a line per iteration
     try:
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, disable=not cfg.run.progress or not trainer.dist.is_main,
+            console=console, disable=not live,
         ) as bar:
             task = bar.add_task(f"{cfg.algo.name} on {cfg.env.name}", total=cfg.trainer.iterations,
                                 completed=trainer.iteration, info="")
+            lines = IterationLines(cfg.trainer.iterations, start=trainer.iteration)
 
             def progress(it: int, total: int, m: dict) -> None:
-                info = f"reward {m.get('train/reward_mean', 0):.2f} success {m.get('train/success', 0):.2f}"
-                if "eval/success" in m:
-                    info += f" eval {m['eval/success']:.2f}"
-                bar.update(task, completed=it, info=info)
+                _INTERRUPTED["iteration"] = it
+                if live:
+                    bar.update(task, completed=it, info=describe_metrics(m))
+                elif show:
+                    lines(it, total, m)
 
             summary = trainer.train(progress)
     finally:
@@ -163,11 +178,12 @@ def cmd_sft(args) -> int:
 
 def cmd_eval(args) -> int:
     from steppo.config import preflight
-    from steppo.evaluate import evaluate_checkpoint, format_table
+    from steppo.evaluate import checkpoint_config, evaluate_checkpoint, format_table
 
-    cfg = load_config(args.config, args.overrides)
+    # a checkpoint of a run: the run's config.yaml, then --config, then the overrides
+    cfg, checkpoint = checkpoint_config(args.checkpoint, args.config, args.overrides, say=_say(_console()))
     preflight(cfg)
-    summary = evaluate_checkpoint(cfg, checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+    summary = evaluate_checkpoint(cfg, checkpoint=checkpoint,
                                   split=args.split, episodes=args.episodes, greedy=not args.sampled)
     _console().print(format_table(summary))
     text = json.dumps(summary, indent=2)
@@ -192,6 +208,12 @@ def cmd_compare(args) -> int:
     results = run_protocol(args.protocol, args.out, args.jobs, args.presets, args.seeds, args.runs, args.threads)
     print(table(results))
     return 0
+
+
+def cmd_view(args) -> int:
+    from steppo.view import main as view
+
+    return view(args.run, args.out, args.serve, args.iteration, args.port)
 
 
 def cmd_config(args) -> int:
@@ -223,17 +245,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+_INTERRUPTED: dict[str, int] = {}  # the last finished iteration of the running train command
+
+
+def _interrupted(args) -> str:
+    """What an interrupted command says instead of a traceback."""
+    if args.command != "train":
+        return f"{args.command} interrupted"
+    it = _INTERRUPTED.get("iteration", 0)
+    again = " ".join(["steppo train", *(["--config", args.config] if args.config else []), *args.overrides, "--resume"])
+    return (f"interrupted at iteration {it + 1} (iterations 1-{it} finished; the newest checkpoint holds the "
+            f"last one saved); resume with: {again}" if it else f"interrupted before the first iteration finished; "
+            f"run the same command again, or continue with: {again}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    if args.command != "config":  # config stays light (no transformers)
+    if args.command not in ("config", "view"):  # these stay light (no transformers)
         _quiet_libraries()
     try:
         commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare,
-                    "config": cmd_config}
+                    "config": cmd_config, "view": cmd_view}
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"steppo: config error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nsteppo: {_interrupted(args)}", file=sys.stderr)
+        return 130
     except RuntimeError as exc:
         from steppo.trainer.update import NonFiniteError
 

@@ -67,6 +67,10 @@ def run_config(proto: dict, preset: str, seed: int, run_dir: Path, start_model: 
     algo["name"] = preset
     tree["algo"] = algo
     tree = _merge(tree, {"run": {"seed": seed, "output_dir": str(run_dir), "progress": False}})
+    # the trackers group a protocol's runs: one W&B group and one MLflow experiment per protocol
+    run = tree["run"]
+    run.setdefault("wandb_group", proto["name"])
+    run.setdefault("mlflow_experiment", proto["name"])
     if start_model is not None:
         tree = _merge(tree, {"model": {"name": start_model}, "sft": {"enabled": False}})
     return tree
@@ -147,13 +151,52 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
         return preset, seed, wall
 
     walls: dict[tuple[str, int], float] = {}
+    status = _Status(len(work), jobs)
     with cf.ThreadPoolExecutor(jobs) as pool:
-        for preset, seed, wall in pool.map(one, work):
+        futures = [pool.submit(status.running, one, item) for item in work]
+        for fut in cf.as_completed(futures):
+            preset, seed, wall = fut.result()
             walls[(preset, seed)] = wall
     zero = _zero_shot(proto, root, starts, threads) if proto.get("zero_shot") else None
     results = collect(proto, root, walls, zero)
     write_results(results, out)
     return results
+
+
+class _Status:
+    """One line per run started or finished: runs done / running / left, elapsed, an estimate
+    of the time left (from the runs finished in this invocation)."""
+
+    def __init__(self, total: int, jobs: int):
+        import threading
+
+        self.total, self.jobs, self.done, self.active, self.fresh = total, jobs, 0, 0, 0
+        self.t0 = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def running(self, fn, item):
+        with self.lock:
+            self.active += 1
+        t = time.perf_counter()
+        try:
+            out = fn(item)
+        finally:
+            with self.lock:
+                self.active -= 1
+        with self.lock:
+            self.done += 1
+            self.fresh += time.perf_counter() - t > 1.0  # not a finished run found on disk
+            self._line(f"{item[0]} seed {item[1]} done")
+        return out
+
+    def _line(self, event: str) -> None:
+        from steppo.progress import clock
+
+        elapsed = time.perf_counter() - self.t0
+        left = self.total - self.done
+        eta = f"~{clock(elapsed / self.fresh * left)}" if self.fresh else "?"  # runs finish at the rate seen so far
+        print(f"[compare] {event} | runs done {self.done}/{self.total}, running {self.active}, left "
+              f"{left - self.active} | elapsed {clock(elapsed)} | left {eta}", flush=True)
 
 
 def _zero_shot(proto: dict, root: Path, starts: dict, threads: int) -> dict[str, Any]:

@@ -42,7 +42,6 @@ import yaml
 from steppo.core.algorithms import PRESETS, AlgorithmConfig, ConfigError, preset
 from steppo.core.choices import (
     DEFAULT_ROW_TOKENS,
-    RAY_CPUS_PER_ENV,
     Backend,
     Context,
     Dtype,
@@ -78,6 +77,12 @@ class ModelConfig:
         lora_dropout: dropout on the LoRA branch.
         lora_targets: module names LoRA adapts (those the model has).
         gradient_checkpointing: recompute activations in the backward pass.
+        chat_template: the chat template to use instead of the tokenizer's own: a Jinja file's
+            path, or ``chatml`` (None = the tokenizer's template).
+        revision: the hub revision (branch, tag or commit) of a hub model (None = its default).
+        trust_remote_code: allow a hub model's own Python code (its modelling or tokenizer files).
+        attn_implementation: attention kernel passed to from_pretrained (eager, sdpa,
+            flash_attention_2; None = the transformers default).
     """
 
     name: str = "tiny"
@@ -92,6 +97,10 @@ class ModelConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     gradient_checkpointing: bool = False
+    chat_template: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -114,7 +123,8 @@ class EnvConfig(EnvOptions):
     they are), and which environment with which overrides of its own defaults.
 
     Attributes:
-        name: registered environment (see ``steppo.envs.registry``).
+        name: a built-in or installed environment name, or an import path module:Class to a TextEnv
+            subclass (see ``steppo.envs.registry``).
         max_steps: episode step limit (None = the environment's default).
         show_admissible: list valid commands in observations (None = environment default).
         params: environment-specific settings (see each environment's docstring).
@@ -145,7 +155,9 @@ class RolloutSettings:
         env_workers: thread | process | ray (see `steppo.rollout.workers`).
         ray_address: Ray cluster for ``ray`` workers (None: start a local one; ``auto``: join
             the running cluster).
-        ray_cpus_per_env: CPUs each environment actor reserves.
+        ray_cpus_per_env: CPUs each environment actor reserves (None: 0.25, lowered so that
+            rollout.num_envs actors fit the cluster's CPUs; an explicit value that does not fit
+            is refused, as the actors would wait forever).
         backend: local (the training model generates, transformers, per-episode KV caches) |
             vllm (a vLLM engine fed the policy's weights after every update; see
             `steppo.rollout.vllm_backend`).
@@ -171,7 +183,7 @@ class RolloutSettings:
     num_envs: int = 16
     env_workers: WorkerKind = "thread"
     ray_address: str | None = None
-    ray_cpus_per_env: float = RAY_CPUS_PER_ENV
+    ray_cpus_per_env: float | None = None
     backend: Backend = "local"
     vllm_gpu_memory_utilization: float = 0.4
     step_timeout_s: float = 60.0
@@ -281,16 +293,25 @@ class RunConfig:
         seed: seeds model init, task sampling and every episode's sampler.
         trackers: any of tensorboard, wandb, mlflow.
         wandb_project: W&B project (W&B honours WANDB_MODE=offline).
+        wandb_entity: W&B entity (team or user; None = your default).
+        wandb_group: W&B group of runs (``steppo compare`` sets the protocol name).
+        wandb_tags: W&B tags.
         mlflow_uri: MLflow tracking URI (a ``sqlite:///...`` URI works offline).
+        mlflow_experiment: MLflow experiment (None = the run directory's name; ``steppo compare``
+            sets the protocol name, one experiment per protocol).
         cache_dir: where built-in models are cached (None = $STEPPO_CACHE or ~/.cache/steppo).
-        progress: show progress bars.
+        progress: progress on stdout: a live bar on a terminal, one line per iteration otherwise.
     """
 
     output_dir: str = "runs/default"
     seed: int = 0
     trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "steppo"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    wandb_tags: list[str] = field(default_factory=list)
     mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
     cache_dir: str | None = None
     progress: bool = True
 
@@ -306,8 +327,8 @@ def model_source(name: str) -> str | None:
     path = Path(name).expanduser()
     if path.is_dir():
         return "local"
-    if path.exists() or name.startswith(("/", "./", "../", "~")):
-        return None  # a file, or a path that is not there
+    if path.exists() or name.startswith(("/", "./", "../", "~")) or Path(name.split("/", 1)[0]).is_dir():
+        return None  # a file, or a path that is not there (its first folder exists here)
     return "hub" if _HUB_ID.match(name) else None
 
 
@@ -435,10 +456,10 @@ class Config:
              f"env.max_steps must be >= 1 (or null for the environment's default), got {self.env.max_steps}")
         need(t.max_grad_norm >= 0, f"trainer.max_grad_norm must be >= 0 (0 = no clipping), got {t.max_grad_norm}")
         need(r.window >= 0, f"rollout.window must be >= 0 (turns the window context keeps), got {r.window}")
-        from steppo.envs.registry import ENVIRONMENTS
+        from steppo.envs.registry import check_env_name
 
-        need(self.env.name in ENVIRONMENTS,
-             f"unknown environment env.name={self.env.name!r}; choose one of {sorted(ENVIRONMENTS)}")
+        problem = check_env_name(self.env.name)  # a built-in or installed name, or module:Class
+        need(problem is None, str(problem))
         need(model_source(self.model.name) is not None,
              f"model.name={self.model.name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), nor an "
              f"existing local model directory, nor a Hugging Face hub id (owner/name); check the path")

@@ -133,6 +133,74 @@ def _model_source(cfg: Config, checkpoint: Path | None, corpus) -> tuple[Any, Pa
     return dataclasses.replace(m, lora_rank=0), base, None
 
 
+def _is_model_dir(path: Path) -> bool:
+    """A checkpoint (``policy/`` inside) or a model directory (Hugging Face or LoRA adapter)."""
+    return (path / "policy").is_dir() or (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path, say: Callable[[str], None] = print) -> tuple[Path, Path | None]:
+    """What ``steppo eval --checkpoint PATH`` evaluates: (checkpoint or model directory, the run
+    directory it belongs to, or None). PATH is a checkpoint directory
+    (``runs/x/checkpoints/iter_000060``), the ``runs/x/checkpoints/latest`` file (it names the
+    newest checkpoint), a run directory (``runs/x``: its newest intact checkpoint, newer broken
+    ones reported through `say`) or its ``checkpoints/`` directory, or a model directory
+    (``runs/x/sft_model``, a Hugging Face directory). Anything else is a `ConfigError`."""
+    from steppo.config import ConfigError
+    from steppo.trainer import checkpoint as ckpt
+
+    given = path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--checkpoint {given} does not exist")
+    if path.is_file():
+        if path.name != ckpt.LATEST:
+            raise ConfigError(f"--checkpoint {given} is a file; pass a checkpoint directory "
+                              f"(runs/x/checkpoints/iter_N), runs/x/checkpoints/{ckpt.LATEST}, or a run directory")
+        name = path.read_text().strip()
+        path = path.parent / name
+        if not name or not _is_model_dir(path):
+            raise ConfigError(f"--checkpoint {given} names checkpoint {name!r}, which is not a checkpoint in "
+                              f"{given.parent}")
+    if _is_model_dir(path):
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run if (run / "config.yaml").is_file() else None
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path if path.name == "checkpoints" else None
+    if root is None:
+        raise ConfigError(f"--checkpoint {given} is neither a checkpoint directory (runs/x/checkpoints/iter_N, "
+                          f"with policy/ inside), nor runs/x/checkpoints/{ckpt.LATEST}, nor a run directory (with "
+                          f"checkpoints/ and config.yaml)")
+    for candidate in ckpt.checkpoints(root):
+        problem = ckpt.verify(candidate)
+        if problem is None:
+            run = root.parent
+            return candidate, run if (run / "config.yaml").is_file() else None
+        say(f"eval: skipping checkpoint {candidate}: {problem}")
+    raise ConfigError(f"--checkpoint {given}: no intact checkpoint in {root}")
+
+
+def checkpoint_config(checkpoint: str | Path | None, path: str | Path | None = None,
+                      overrides: list[str] | None = None,
+                      say: Callable[[str], None] = print) -> tuple[Config, Path | None]:
+    """``steppo eval``'s config and checkpoint: the run's saved ``config.yaml`` when the
+    checkpoint belongs to a run (so a TextWorld run is evaluated on its TextWorld games, with its
+    context policy and settings), then the ``--config`` file, then the overrides, as
+    `steppo.config.load_config` layers them; without a run, `load_config` (the defaults)."""
+    from steppo.config import ConfigError, _build, load_config, parse_overrides, read_yaml
+
+    if checkpoint is None:
+        return load_config(path, overrides), None
+    checkpoint, run = resolve_checkpoint(checkpoint, say)
+    if run is None:
+        return load_config(path, overrides), checkpoint
+    saved = read_yaml(run / "config.yaml", "saved run config")
+    layers = [saved, *([read_yaml(path)] if path is not None else []), parse_overrides(overrides or [])]
+    try:
+        cfg = _build(layers)
+    except ConfigError as exc:
+        raise ConfigError(f"{run / 'config.yaml'} with the overrides given: {exc}") from exc
+    say(f"eval: {checkpoint} with its run's config {run / 'config.yaml'} (env.name={cfg.env.name})")
+    return cfg, checkpoint
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str | None = None,
                         episodes: int | None = None, greedy: bool = True) -> dict[str, Any]:
     """``steppo eval``: a checkpoint (or ``model.name``) on `split`, through the same

@@ -32,6 +32,8 @@ def test_run_config_sets_preset_seed_and_start(tmp_path):
     assert tree["algo"] == {"name": "grpo", "group_size": 4}
     assert tree["run"]["seed"] == 3 and tree["model"]["name"] == "/some/policy"
     assert tree["sft"]["enabled"] is False
+    # one W&B group and one MLflow experiment per protocol
+    assert tree["run"]["wandb_group"] == tree["run"]["mlflow_experiment"] == "micro"
     # every run shares the per-update trajectory count and the env-step budget
     assert tree["trainer"]["trajectories_per_iteration"] == 8 and tree["trainer"]["max_env_steps"] == 20
 

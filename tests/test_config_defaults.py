@@ -64,7 +64,8 @@ def test_every_default_is_written_once():
     from steppo.rollout import engine, workers
 
     assert Config().trainer.row_tokens == batch.DEFAULT_ROW_TOKENS == choices.DEFAULT_ROW_TOKENS
-    assert Config().rollout.ray_cpus_per_env == choices.RAY_CPUS_PER_ENV
+    assert Config().rollout.ray_cpus_per_env is None  # fitted to the cluster (workers.fit_ray_cpus)
+    assert workers.fit_ray_cpus(None, 4, 64.0) == choices.RAY_CPUS_PER_ENV
     assert engine.RolloutSettings is type(Config().rollout)
     assert issubclass(type(Config().env), EnvOptions) and issubclass(EnvSettings, EnvOptions)
     # the names stay importable where they were

@@ -7,7 +7,7 @@ The names below load on first use (PEP 562), so importing a torch-free submodule
 torch through `steppo.core.batch`.
 """
 
-import importlib
+from steppo.lazy import lazy_exports
 
 _EXPORTS = {
     "AlgorithmConfig": "steppo.core.algorithms",
@@ -37,12 +37,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'steppo.core' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

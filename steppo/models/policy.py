@@ -41,21 +41,57 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a model directory or hub id.
+def load_options(model_cfg=None, *, weights: bool = True) -> dict:
+    """``from_pretrained`` keywords from a `steppo.config.ModelConfig`: ``revision``,
+    ``trust_remote_code`` and (for weights) ``attn_implementation``, those that are set."""
+    if model_cfg is None:
+        return {}
+    out = {"revision": getattr(model_cfg, "revision", None),
+           "trust_remote_code": bool(getattr(model_cfg, "trust_remote_code", False)) or None,
+           "attn_implementation": getattr(model_cfg, "attn_implementation", None) if weights else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _options_for(path: str | Path, options: dict | None) -> dict:
+    """`options` for `path`: a revision names a hub commit, so a local directory drops it."""
+    options = dict(options or {})
+    if Path(path).expanduser().is_dir():
+        options.pop("revision", None)
+    return options
+
+
+def _check_source(path: str | Path) -> None:
+    """A path that is neither an existing directory nor hub-shaped: a clear error, not the hub
+    client's "Repo id must be in the form ..."."""
+    from steppo.config import ConfigError, model_source
+
+    if not Path(path).expanduser().is_dir() and model_source(str(path)) != "hub":
+        raise ConfigError(f"model.name: {str(path)!r} is not an existing model directory "
+                          f"({Path(path).expanduser().absolute()} does not exist) nor a Hugging Face hub id "
+                          f"(owner/name); check the path")
+
+
+def load_tokenizer(path: str | Path, options: dict | None = None):
+    """The tokenizer of a model directory or hub id (`options`: see `load_options`).
 
     Tokenizers trained here are loaded as `PreTrainedTokenizerFast`: `AutoTokenizer` may pick
     a model-specific class that re-interprets their vocabulary (a `LlamaTokenizer` for a Llama config would add its own
     normaliser and prefix space).
     """
+    _check_source(path)
+    kw = _options_for(path, options)
+    kw.pop("attn_implementation", None)
     marker = Path(path) / "tokenizer_config.json"
     if marker.exists() and '"PreTrainedTokenizerFast"' in marker.read_text():
-        return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(path))
+        return PreTrainedTokenizerFast.from_pretrained(str(path), **kw)
+    return AutoTokenizer.from_pretrained(str(path), **kw)
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+def load_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device,
+                   options: dict | None = None) -> PreTrainedModel:
+    """A causal LM on `device` (`options`: see `load_options`)."""
+    _check_source(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **_options_for(path, options))
     return model.to(device)
 
 

@@ -5,7 +5,7 @@ The names below load on first use (PEP 562), so importing a submodule such as
 transformers through `steppo.rollout.engine`.
 """
 
-import importlib
+from steppo.lazy import lazy_exports
 
 _EXPORTS = {
     "CONTEXTS": "steppo.rollout.engine",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'steppo.rollout' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,13 @@ Protocol on the socket `fd` (`multiprocessing.connection` framing): the parent s
 
 The child exits when the parent dies, even in the middle of a long step: a watchdog thread
 polls the parent pid (reparenting changes it), and the socket reaches EOF.
+
+No ``__main__`` guard is needed in the trainer's script: the child never imports ``__main__``
+(it is a fresh interpreter, not a multiprocessing spawn). An environment module that starts
+training when imported (``env=my_script:MyEnv`` for an unguarded script) fails fast instead of
+starting processes without end: while the child builds its environment it sets
+``STEPPO_BUILDING_ENV``, and `steppo.envs.registry.env_factory` / `ProcessEnvWorker` refuse to
+start there, with the fix in the message.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 import traceback
 
 PARENT_POLL_S = 0.25
+BUILDING_ENV = "STEPPO_BUILDING_ENV"  # = steppo.envs.registry.BUILDING_ENV (not imported: this module stays light)
 
 
 def _watch_parent(ppid: int) -> None:
@@ -51,7 +59,11 @@ def serve(fd: int, ppid: int) -> None:
         path = conn.recv()
         sys.path[:0] = [p for p in path if p not in sys.path]
         factory = conn.recv()  # imports the environment's modules
-        env = factory()
+        os.environ[BUILDING_ENV] = str(getattr(factory, "name", factory))  # a run started from here fails fast
+        try:
+            env = factory()
+        finally:
+            os.environ.pop(BUILDING_ENV, None)
     except (EOFError, OSError):
         return
     except BaseException as exc:  # noqa: BLE001 - reported to the parent: every call fails with it

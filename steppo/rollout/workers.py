@@ -32,7 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from steppo.core.choices import RAY_CPUS_PER_ENV, WORKER_KINDS, check_choice
+from steppo.core.choices import RAY_CPUS_PER_ENV, WORKER_KINDS, ConfigError, check_choice
 from steppo.envs.base import TextEnv
 
 
@@ -91,10 +91,15 @@ class EnvFailure(RuntimeError):
 class ProcessEnvWorker(_QueuedWorker):
     """One environment instance in a child interpreter (``python -m steppo.rollout.envproc``);
     same interface as `EnvWorker`. The factory must be picklable
-    (`steppo.envs.registry.EnvFactory` is); its classes must be importable by module name.
+    (`steppo.envs.registry.EnvFactory` is); its classes must be importable by module name (the
+    child gets the parent's ``sys.path`` and working directory, so an import-path environment
+    ``env=module:Class`` resolves there as it does in the trainer).
     """
 
     def __init__(self, factory: Callable[[], TextEnv], name: str = "env-process"):
+        from steppo.envs.registry import refuse_in_env_process
+
+        refuse_in_env_process("an environment process")  # never a process tree that grows without end
         self._conn, child_conn = mp.Pipe()  # a socket pair
         fd = child_conn.fileno()
         try:
@@ -197,6 +202,34 @@ def _ray_actor_class():
     return _RAY_ACTOR
 
 
+def _ray_started(address: str | None):
+    """The `ray` module, with Ray running (``ray.init(address)`` on first use)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("rollout.env_workers=ray needs Ray: pip install 'steppo[ray]'") from exc
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+def fit_ray_cpus(requested: float | None, envs: int, cluster_cpus: float) -> float:
+    """CPUs each of `envs` environment actors reserves: `requested`, or (None) 0.25 lowered so
+    that every actor fits the cluster's `cluster_cpus` at once. Actors that cannot all be placed
+    would wait for CPUs forever (Ray queues them), so an explicit amount that does not fit is
+    refused up front with the numbers and both fixes."""
+    if requested is None:
+        return min(RAY_CPUS_PER_ENV, cluster_cpus / max(envs, 1)) if cluster_cpus > 0 else RAY_CPUS_PER_ENV
+    if requested * envs > cluster_cpus + 1e-9:
+        raise ConfigError(
+            f"rollout.num_envs={envs} Ray actors x rollout.ray_cpus_per_env={requested} = {requested * envs:g} CPUs, "
+            f"but the Ray cluster has {cluster_cpus:g}: the actors would wait for CPUs forever; set "
+            f"rollout.ray_cpus_per_env<={cluster_cpus / max(envs, 1):.3g} (or leave it unset to fit), or lower "
+            f"rollout.num_envs"
+        )
+    return requested
+
+
 class RayEnvWorker:
     """One environment instance in a Ray actor; same interface as `EnvWorker`.
 
@@ -206,12 +239,7 @@ class RayEnvWorker:
 
     def __init__(self, factory: Callable[[], TextEnv], name: str = "env-ray", address: str | None = None,
                  num_cpus: float = RAY_CPUS_PER_ENV):
-        try:
-            import ray
-        except ImportError as exc:
-            raise ImportError("rollout.env_workers=ray needs Ray: pip install 'steppo[ray]'") from exc
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        ray = _ray_started(address)
         self._ray = ray
         self._actor = _ray_actor_class().options(num_cpus=num_cpus).remote(factory)
         # wait for the actor's process, so step timeouts measure the environment, not Ray's start-up
@@ -244,12 +272,15 @@ class WorkerPool:
     """A fixed number of environment workers handed out to episodes."""
 
     def __init__(self, factory: Callable[[], TextEnv], size: int, kind: str = "thread",
-                 ray_address: str | None = None, ray_cpus_per_env: float = RAY_CPUS_PER_ENV):
+                 ray_address: str | None = None, ray_cpus_per_env: float | None = None):
         if size < 1:
             raise ValueError("the environment pool needs at least one worker")
         check_choice(kind, WORKER_KINDS, "rollout.env_workers")  # a ConfigError (a ValueError)
         self._factory = factory
         self._kind = kind
+        if kind == "ray":
+            ray = _ray_started(ray_address)
+            ray_cpus_per_env = fit_ray_cpus(ray_cpus_per_env, size, float(ray.cluster_resources().get("CPU", 0.0)))
         self._ray = dict(address=ray_address, num_cpus=ray_cpus_per_env)
         self._counter = 0
         self.free: list[EnvWorker | ProcessEnvWorker] = [self._new() for _ in range(size)]

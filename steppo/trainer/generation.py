@@ -50,7 +50,7 @@ def check_first_prompt(cfg: Config, env: TextEnv, chat, task: Task) -> None:
 def make_backend(cfg: Config, models: Models, model: torch.nn.Module):
     """The backend of ``rollout.backend`` generating with `model`."""
     r = cfg.rollout
-    stop = {models.chat.end_of_turn_id}
+    stop = {models.chat.end_of_turn_id} | getattr(models.chat, "stop_ids", set())  # + the tokenizer's eos
     if r.backend == "vllm":
         from steppo.rollout.vllm_backend import VLLMBackend
 

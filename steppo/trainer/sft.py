@@ -22,7 +22,7 @@ from steppo.envs.base import Task, TextEnv
 from steppo.models.build import load_reference
 from steppo.models.chat import ChatFormat
 from steppo.models.generation import Sample
-from steppo.models.policy import Policy, autocast, save_merged
+from steppo.models.policy import Policy, autocast, load_options, save_merged
 from steppo.seeding import derived_seed
 
 if TYPE_CHECKING:
@@ -72,8 +72,9 @@ def behaviour_cloning(policy: Policy, demos: Sequence[Trajectory], *, epochs: in
                       progress=None) -> list[float]:
     """Minimise the negative log-likelihood of the demos' action tokens (token mean).
 
-    `max_grad_norm` clips each optimiser step's gradient norm (``sft.max_grad_norm``; 0 = off).
-    Returns the mean loss of each epoch.
+    `max_grad_norm` clips each optimiser step's gradient norm (``sft.max_grad_norm``; 0 = off);
+    `progress(epoch, epochs, mean_loss)` is called after each epoch. Returns the mean loss of
+    each epoch.
     """
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -82,7 +83,7 @@ def behaviour_cloning(policy: Policy, demos: Sequence[Trajectory], *, epochs: in
     losses = []
     policy.train()
     order = list(range(len(demos)))
-    for _ in range(epochs):
+    for epoch in range(epochs):
         rng.shuffle(order)
         total, count = 0.0, 0
         for start in range(0, len(order), batch_trajectories):
@@ -100,9 +101,9 @@ def behaviour_cloning(policy: Policy, demos: Sequence[Trajectory], *, epochs: in
             opt.zero_grad(set_to_none=True)
             total += float(loss.detach())
             count += 1
-            if progress is not None:
-                progress()
         losses.append(total / max(count, 1))
+        if progress is not None:
+            progress(epoch + 1, epochs, losses[-1])
     policy.eval()
     return losses
 
@@ -121,13 +122,16 @@ def warm_start(trainer: Trainer) -> dict[str, Any]:
         raise ValueError(f"environment {cfg.env.name} produced no successful expert demonstrations")
     losses = behaviour_cloning(models.policy, demos, epochs=s.epochs, lr=s.lr, batch_trajectories=s.batch_trajectories,
                                layout=cfg.layout, pad_id=trainer.pad_id, seed=cfg.run.seed, dtype=models.dtype,
-                               max_grad_norm=s.max_grad_norm)
+                               max_grad_norm=s.max_grad_norm,
+                               progress=lambda e, n, loss: trainer.say(f"SFT epoch {e}/{n}: loss {loss:.3f} "
+                                                                       f"({time.perf_counter() - t0:.0f} s)"))
     trainer.sft_done = True
     trainer.generation.invalidate()
     save_merged(models.policy.model, trainer.sft_dir)
     models.tokenizer.save_pretrained(trainer.sft_dir)
     if cfg.algo.uses_reference:  # with LoRA too: disabling the adapters would undo the SFT
         models.reference = load_reference(trainer.sft_dir, next(models.policy.model.parameters()).dtype,
-                                          models.device, cfg.rollout.temperature)
+                                          models.device, cfg.rollout.temperature,
+                                          load_options(cfg.model))
     return {"sft/demos": len(demos), "sft/loss_first_epoch": losses[0] if losses else None,
             "sft/loss_last_epoch": losses[-1] if losses else None, "time/sft_s": time.perf_counter() - t0}

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from steppo.config import RunConfig
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
@@ -19,8 +21,7 @@ def _clean(value: Any) -> Any:
 class RunLog:
     """Writes ``metrics.jsonl`` and forwards scalars to the configured trackers."""
 
-    def __init__(self, out_dir: Path, trackers: list[str], config: dict[str, Any],
-                 wandb_project: str = "steppo", mlflow_uri: str | None = None, resume_after: int | None = None,
+    def __init__(self, out_dir: Path, run: RunConfig, config: dict[str, Any], resume_after: int | None = None,
                  say=lambda *_: None):
         """`resume_after`: the iteration a resumed run continues after: records of later
         iterations (written after that checkpoint) and a torn last line are dropped, so
@@ -35,6 +36,7 @@ class RunLog:
                 if note:
                     say(note)
         self._tb = self._wandb = self._mlflow = None
+        trackers = run.trackers
         if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -43,14 +45,15 @@ class RunLog:
         if "wandb" in trackers:
             import wandb
 
-            self._wandb = wandb.init(project=wandb_project, dir=str(out_dir), config=config,
+            self._wandb = wandb.init(project=run.wandb_project, entity=run.wandb_entity, group=run.wandb_group,
+                                     tags=list(run.wandb_tags) or None, dir=str(out_dir), config=config,
                                      name=out_dir.name, resume="allow")
         if "mlflow" in trackers:
             import mlflow
 
-            if mlflow_uri:
-                mlflow.set_tracking_uri(mlflow_uri)
-            mlflow.set_experiment(out_dir.name)
+            if run.mlflow_uri:
+                mlflow.set_tracking_uri(run.mlflow_uri)
+            mlflow.set_experiment(run.mlflow_experiment or out_dir.name)
             self._mlflow = mlflow
             mlflow.start_run(run_name=out_dir.name)
             mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
@@ -150,22 +153,43 @@ class NoLog:
         pass
 
 
-def sample_records(it: int, trajs: list, scored, credit, tokenizer) -> list[dict[str, Any]]:
-    """samples.jsonl records of the first trajectories of a batch: per step the prompt's last
-    200 tokens and the response as text, their ids, reward, the critic's value and the
-    advantage (`scored` / `credit` of the update, in the batch's step order)."""
+def sample_records(it: int, trajs: list, scored, credit, tokenizer, ratios=None) -> list[dict[str, Any]]:
+    """samples.jsonl records of the first trajectories of a batch (`scored` / `credit` / `ratios`
+    of the update, in the batch's step order). Per step:
+
+    - the step's new tokens: step 0 stores its whole prompt (``prompt_ids``, ``prompt_text``,
+      ``full_prompt: true``); a later step whose prompt extends the previous step's prompt +
+      response (the cumulative context) stores only the ids appended since then, the
+      observation turn (``new_ids``, ``new_text``, ``full_prompt: false``), so step t's prompt
+      is step t-1's prompt + response + step t's ``new_ids``; a prompt that does not extend it
+      (``window`` / ``env`` contexts) is stored whole again with ``full_prompt: true``;
+    - ``response_ids`` / ``response_text``, ``reward``, the critic's ``value``, ``advantage``,
+      ``observation`` (the environment's answer to the response);
+    - ``ratio``: the step's importance ratio in the update's last epoch (the geometric mean of
+      its token ratios) and ``clipped``: whether it lay outside [1 - clip_low, 1 + clip_high]
+      (None when not recorded; see `steppo.trainer.update.StepRatios`).
+    """
     records, s = [], 0
     for traj in trajs:
-        steps = []
+        steps, previous = [], None
         for step in traj.steps:
+            prompt = list(step.prompt_ids)
+            if previous is not None and prompt[: len(previous)] == previous:
+                new = prompt[len(previous):]
+                text = {"new_text": tokenizer.decode(new), "new_ids": new, "full_prompt": False}
+            else:
+                text = {"prompt_text": tokenizer.decode(prompt), "prompt_ids": prompt, "full_prompt": True}
+            previous = prompt + list(step.response_ids)
+            ratio = float(ratios.ratio[s]) if ratios is not None and ratios.ratio is not None else math.nan
             steps.append({
-                "prompt_text": tokenizer.decode(step.prompt_ids[-200:]),
+                **text,
                 "response_text": tokenizer.decode(step.response_ids),
-                "prompt_ids": step.prompt_ids,
                 "response_ids": step.response_ids,
                 "reward": step.reward,
                 "value": float(scored.step_values[s]) if scored.step_values is not None else None,
                 "advantage": float(credit.step_advantages[s]),
+                "ratio": None if math.isnan(ratio) else ratio,
+                "clipped": None if math.isnan(ratio) else bool(ratios.clipped[s]),
                 "observation": step.info.get("observation"),
             })
             s += 1

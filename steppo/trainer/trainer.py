@@ -140,8 +140,8 @@ class Trainer:
         self.runlog = NoLog()
         if self.dist.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self.runlog = RunLog(self.out, cfg.run.trackers, cfg.to_dict(), cfg.run.wandb_project, cfg.run.mlflow_uri,
-                                 say=self.say, resume_after=self.iteration if resume_from else (-1 if resume else None))
+            self.runlog = RunLog(self.out, cfg.run, cfg.to_dict(), say=self.say,
+                                 resume_after=self.iteration if resume_from else (-1 if resume else None))
         if resume_from is not None:
             self.say(f"resumed from {resume_from} (next iteration {self.iteration + 1})")
 
@@ -209,7 +209,7 @@ class Trainer:
         if trajs:
             train_policy = it > cfg.critic.warmup_iterations or not cfg.algo.critic
             self.nonfinite_guard.iteration = it
-            step_metrics, scored, credit, trained = update(
+            step_metrics, scored, credit, trained, ratios = update(
                 self.models, cfg, trajs, self.policy_opt, self.critic_opt,
                 random.Random(derived_seed(cfg.run.seed, "minibatch", it)), self.pad_id, self.dist,
                 self.nonfinite_guard, train_policy, self.policy_version)
@@ -217,10 +217,11 @@ class Trainer:
             check_finite_weights(it, self.models, self.dist)
             self.generation.updated(self.models.policy, train_policy)
             self.runlog.samples(sample_records(it, trajs[: cfg.trainer.sample_trajectories], scored, credit,
-                                               self.models.tokenizer))
+                                               self.models.tokenizer, ratios))
             tokens = sum(len(t.steps[-1].context_ids) for t in trajs)
         t2 = time.perf_counter()
         iteration_s = (wait_s if wait_s is not None else rollout_s) + (t2 - t1)
+        metrics["policy/lr"] = self.policy_opt.sched.get_last_lr()[0]
         metrics.update({"time/rollout_s": rollout_s, "time/update_s": t2 - t1, "time/iteration_s": iteration_s,
                         "throughput/tokens_per_s": (result.generated_tokens + tokens) / max(iteration_s, 1e-9),
                         "throughput/rollout_tokens_per_s": result.generated_tokens / max(rollout_s, 1e-9),

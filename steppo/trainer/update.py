@@ -113,6 +113,32 @@ class Scored:
     ref_logprobs: torch.Tensor | None  # (N,)
 
 
+class StepRatios:
+    """Each step's importance ratio in the last epoch of the update, for the batch's first
+    `num_steps` steps in canonical order (the sample trajectories of samples.jsonl): the
+    length-normalised geometric mean of the step's token ratios against the ratio denominator,
+    exp(mean(new - old log-prob)), with the loss's log-ratio clamp; recorded from the log-probs
+    the loss already computes (no extra forward pass, no effect on the update)."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self._sum = torch.zeros(num_steps, dtype=torch.float64)
+        self._count = torch.zeros(num_steps, dtype=torch.float64)
+        self.ratio: torch.Tensor | None = None  # (num_steps,), NaN where a step was not seen
+        self.clipped: torch.Tensor | None = None  # (num_steps,) bool: outside [1 - clip_low, 1 + clip_high]
+
+    def add(self, token_step: torch.Tensor, token_log_ratio: torch.Tensor) -> None:
+        keep = token_step < self.num_steps
+        self._sum.index_add_(0, token_step[keep], token_log_ratio[keep].double())
+        self._count.index_add_(0, token_step[keep], torch.ones(int(keep.sum()), dtype=torch.float64))
+
+    def finish(self, algo: AlgorithmConfig, dist: Distributed) -> None:
+        dist.all_reduce_sum(self._sum, self._count)
+        log_ratio = (self._sum / self._count).clamp(-algo.log_ratio_clamp, algo.log_ratio_clamp)
+        self.ratio = torch.exp(log_ratio)  # 0/0 -> NaN: not seen
+        self.clipped = (self.ratio < 1.0 - algo.clip_low) | (self.ratio > 1.0 + algo.clip_high)
+
+
 @torch.no_grad()
 def score_batch(models: Models, algo: AlgorithmConfig, trajs: Sequence[Trajectory], batch: StepBatch,
                 layout_kind: str, budget: int, pad_id: int, row_tokens: int | None = None,
@@ -206,11 +232,12 @@ def ppo_update(models: Models, algo: AlgorithmConfig, trainer: TrainerConfig, la
                batch: StepBatch, scored: Scored, credit: Credit, policy_opt: Optimiser,
                critic_opt: Optimiser | None,
                rng: random.Random, pad_id: int, dist: Distributed | None = None,
-               guard: NonFiniteGuard | None = None) -> dict[str, float]:
+               guard: NonFiniteGuard | None = None, ratios: StepRatios | None = None) -> dict[str, float]:
     """Epochs of clipped updates; returns mean statistics over optimiser steps (NaN where a
     skipped step's were), with ``update/skipped_nonfinite`` (steps skipped for a non-finite
     loss or gradient norm: gradients zeroed, weights untouched; `guard` stops the run after
-    too many in a row) and ``update/optimiser_steps``.
+    too many in a row) and ``update/optimiser_steps``. `ratios`: filled with the last epoch's
+    step ratios of its first steps (see `StepRatios`).
 
     Under `dist` (see `steppo.trainer.distributed`) every rank runs the same global mini-batch
     schedule on its token-balanced share of each mini-batch, with the mini-batch's weights, so
@@ -226,7 +253,7 @@ def ppo_update(models: Models, algo: AlgorithmConfig, trainer: TrainerConfig, la
     sums: dict[str, float] = {}
     n_updates = skipped = 0
     policy.train()
-    for _ in range(trainer.epochs):
+    for epoch in range(trainer.epochs):
         order = blocks(trajs, layout_kind)
         rng.shuffle(order)
         for mb_units in _minibatches(trajs, order, trainer.minibatch_steps):
@@ -281,6 +308,8 @@ def ppo_update(models: Models, algo: AlgorithmConfig, trainer: TrainerConfig, la
                         loss = loss + algo.value_coef * vl
                         _acc(stats, "critic/loss", vl, real)
                         _acc(stats, "critic/clip_frac", vstats["clip_frac"], real)
+                if ratios is not None and real and epoch == trainer.epochs - 1:
+                    ratios.add(batch.token_step[m_toks], lp.detach().float().cpu() - old_lp[m_toks])
                 if loss.requires_grad:
                     (loss * scale).backward()
             if dist.active:
@@ -309,6 +338,8 @@ def ppo_update(models: Models, algo: AlgorithmConfig, trainer: TrainerConfig, la
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
+    if ratios is not None:
+        ratios.finish(algo, dist)
     out = {k: v / max(n_updates, 1) for k, v in sums.items()}
     out["update/skipped_nonfinite"] = float(skipped)
     out["update/optimiser_steps"] = float(n_updates - skipped)
@@ -398,7 +429,7 @@ def critic_metrics(credit: Credit, scored: Scored, algo: AlgorithmConfig) -> dic
 
 def update(models: Models, cfg: Config, trajs: Sequence[Trajectory], policy_opt: Optimiser, critic_opt: Optimiser | None,
            rng: random.Random, pad_id: int, dist: Distributed | None, guard: NonFiniteGuard | None,
-           train_policy: bool, policy_version: int) -> tuple[dict[str, float], Scored, Credit, int]:
+           train_policy: bool, policy_version: int) -> tuple[dict[str, float], Scored, Credit, int, StepRatios]:
     """One update on a batch of finished trajectories, top to bottom:
 
     1. batch: the trajectories as flat step/token records (`StepBatch`);
@@ -415,7 +446,8 @@ def update(models: Models, cfg: Config, trajs: Sequence[Trajectory], policy_opt:
 
     `cfg`: the run's `Config`; `train_policy`: False during the critic's warm-up;
     `policy_version`: the version being updated (the lag of each step is measured from it).
-    Returns (metrics, scored, credit, tokens trained on).
+    Returns (metrics, scored, credit, tokens trained on, the step ratios of the first
+    ``trainer.sample_trajectories`` trajectories for samples.jsonl).
     """
     algo, t, layout = cfg.algo, cfg.trainer, cfg.layout
     stale = t.async_rollout
@@ -433,14 +465,15 @@ def update(models: Models, cfg: Config, trajs: Sequence[Trajectory], policy_opt:
                         "async/behaviour_logprob_drift_max_abs": drift})
     else:
         metrics["rollout/logprob_parity_max_abs"] = drift
+    ratios = StepRatios(sum(len(traj.steps) for traj in trajs[: t.sample_trajectories]))
     metrics.update(ppo_update(models, algo, t, layout, train_policy, trajs, batch, scored, credit, policy_opt,
-                              critic_opt, rng, pad_id, dist=dist, guard=guard))
+                              critic_opt, rng, pad_id, dist=dist, guard=guard, ratios=ratios))
     metrics.update(critic_metrics(credit, scored, algo))
     metrics["credit/advantage_mean"] = float(credit.step_advantages.mean())
     metrics["credit/advantage_std"] = float(credit.step_advantages.std()) if batch.num_steps > 1 else 0.0
     for k in range(min(int(batch.step_index.max()) + 1, 8)):
         metrics[f"credit/advantage_step{k}"] = float(credit.step_advantages[batch.step_index == k].mean())
-    return metrics, scored, credit, t.epochs * input_tokens(trajs, layout)
+    return metrics, scored, credit, t.epochs * input_tokens(trajs, layout), ratios
 
 
 def check_finite_weights(it: int, models: Models, dist: Distributed) -> None:

@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from steppo.config import EnvConfig
 from steppo.envs.registry import env_factory
 from steppo.rollout.workers import WorkerPool
@@ -77,3 +79,17 @@ def test_workers_exit_when_their_parent_is_killed():
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_ray_actors_that_cannot_all_be_placed_are_fitted_or_refused_up_front():
+    """The README's Ray command asked for 16 actors x 0.25 CPU on a 2-CPU machine and waited for
+    CPUs forever: unset, the share is fitted to the cluster; an explicit share that cannot fit
+    is a clear error naming both keys."""
+    from steppo.config import ConfigError
+    from steppo.rollout.workers import fit_ray_cpus
+
+    assert fit_ray_cpus(None, 16, 2.0) == 0.125   # 16 actors fit 2 CPUs
+    assert fit_ray_cpus(None, 4, 8.0) == 0.25     # the usual share when it fits
+    assert fit_ray_cpus(0.5, 4, 2.0) == 0.5       # explicit and fits: kept
+    with pytest.raises(ConfigError, match=r"rollout.num_envs=16.*rollout.ray_cpus_per_env=0.25.*4 CPUs.*has 2"):
+        fit_ray_cpus(0.25, 16, 2.0)

@@ -1,0 +1,1 @@
+"""Example environments written outside the package (``steppo train env=examples.guess:GuessEnv``)."""
