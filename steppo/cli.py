@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--episodes", type=int, help="episodes (default trainer.eval_episodes)")
             sp.add_argument("--sampled", action="store_true", help="sample instead of greedy decoding")
             sp.add_argument("--json", help="also write the summary to this file")
+    xp = sub.add_parser("export", help="write a checkpoint's policy as a plain Hugging Face model (LoRA merged)")
+    xp.add_argument("--checkpoint", required=True, help="checkpoint directory, …/checkpoints/latest, or a run directory")
+    xp.add_argument("--out", required=True, help="new directory for the model (config.json, weights, tokenizer)")
+    xp.add_argument("overrides", nargs="*", help="dotted overrides on top of the run's config")
     cp = sub.add_parser("compare", help="run a comparison protocol (presets x seeds) and write tables and plots")
     cp.add_argument("protocol", help="protocol YAML (configs/compare/*.yaml)")
     cp.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split between them)")
@@ -193,6 +197,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from steppo.evaluate import checkpoint_config, export_checkpoint
+
+    cfg, checkpoint = checkpoint_config(args.checkpoint, None, args.overrides, say=_say(_console()))
+    out = export_checkpoint(cfg, checkpoint, Path(args.out))
+    _say(_console())(f"exported {checkpoint} to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained"
+                     f"({str(out)!r}) or vllm.LLM({str(out)!r})")
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars only: transformers' per-file bars and warnings are noise here."""
     from transformers.utils import logging as hf_logging
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("config", "view"):  # these stay light (no transformers)
         _quiet_libraries()
     try:
-        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare,
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
                     "config": cmd_config, "view": cmd_view}
         return commands[args.command](args)
     except ConfigError as exc:

@@ -234,6 +234,26 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str 
             **summary}
 
 
+def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
+    """``steppo export``: the checkpoint's policy as a plain Hugging Face model directory (LoRA
+    adapters merged, tokenizer and chat template included) that transformers or vLLM load with
+    no StepPO code. Refuses to write into a non-empty directory."""
+    from steppo.config import ConfigError
+    from steppo.models.build import build_models
+    from steppo.models.policy import save_merged
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; choose a new directory")
+    model_cfg, base, policy_dir = _model_source(cfg, checkpoint, lambda: [])
+    models = build_models(model_cfg, base_path=base, with_critic=False, shared_critic=False,
+                          with_reference=False, temperature=cfg.rollout.temperature, policy_dir=policy_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_merged(models.policy.model, out)
+    models.tokenizer.save_pretrained(out)
+    return out
+
+
 def format_table(summary: dict[str, Any]):
     from rich.table import Table
 
