@@ -13,16 +13,12 @@ import pytest
 
 from steppo.cli import main
 from steppo.trainer import checkpoint as ckpt
+from tests.test_cli_runs import TINY as FAST_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESS = "examples.guess:GuessEnv"
-TINY = [
-    "trainer.trajectories_per_iteration=4", "trainer.eval_episodes=2", "rollout.max_new_tokens=6",
-    "rollout.num_envs=4", "rollout.schedule=rounds", "sft.enabled=false", "model.device=cpu",
-    "run.progress=false", "trainer.micro_batch_tokens=2048", "critic.warmup_iterations=0",
-    "trainer.eval_sampled=false", "trainer.eval_interval=0", "trainer.checkpoint_interval=1",
-    "trainer.keep_checkpoints=3", "run.trackers=[]", "run.seed=3", "env.max_steps=3",
-]
+# the fast run of tests/test_cli_runs.py, with its own evaluation size and step limit (later keys win)
+TINY = [*FAST_RUN, "trainer.eval_episodes=2", "env.max_steps=3"]
 
 
 @pytest.fixture(autouse=True)

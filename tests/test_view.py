@@ -15,16 +15,11 @@ import pytest
 import steppo.trainer.trainer as trainer_module
 from steppo.cli import main
 from steppo.view import make_server, render
+from tests.test_cli_runs import TINY as FAST_RUN
 
-# the fast run of tests/test_cli_runs.py (TINY there)
-TINY = [
-    "trainer.trajectories_per_iteration=4", "trainer.eval_episodes=1", "rollout.max_new_tokens=6",
-    "rollout.num_envs=4", "rollout.schedule=rounds", "sft.enabled=false", "model.device=cpu",
-    "run.progress=false", "trainer.micro_batch_tokens=2048", "critic.warmup_iterations=0",
-    "trainer.eval_sampled=false", "trainer.eval_interval=1", "trainer.checkpoint_interval=0",
-    "trainer.keep_checkpoints=1", "run.trackers=[]", "run.seed=3", "env.max_steps=4",
-    "env.invalid_action_penalty=-0.5",  # rewards, so advantages and the policy move (ratios != 1)
-]
+# the fast run of tests/test_cli_runs.py, evaluating every iteration (later keys win)
+TINY = [*FAST_RUN, "trainer.eval_interval=1", "trainer.checkpoint_interval=0", "trainer.keep_checkpoints=1",
+        "env.invalid_action_penalty=-0.5"]  # rewards, so advantages and the policy move (ratios != 1)
 
 
 @pytest.fixture(scope="module")
