@@ -50,6 +50,7 @@ from steppo.core.choices import (
     Parallel,
     Schedule,
     TinySize,
+    ToolFormat,
     Tracker,
     WorkerKind,
     check_choice,
@@ -83,6 +84,12 @@ class ModelConfig:
         trust_remote_code: allow a hub model's own Python code (its modelling or tokenizer files).
         attn_implementation: attention kernel passed to from_pretrained (eager, sdpa,
             flash_attention_2; None = the transformers default).
+        tool_format: the tool-call syntax of tool-calling environments: ``auto`` (the one the
+            chat template teaches: ``hermes`` for Qwen's ``<tool_call>``, ``llama3_json``,
+            ``mistral``; ``hermes`` when it teaches none) or one of those names.
+        native_tools: give the tool schemas to the chat template (``apply_chat_template(tools=...)``)
+            and tool results as ``tool`` turns; None = when the template renders tools, false =
+            describe them in the system prompt (see ``steppo.models.chat``).
     """
 
     name: str = "tiny"
@@ -101,6 +108,8 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    tool_format: ToolFormat = "auto"
+    native_tools: bool | None = None
 
 
 @dataclass

@@ -205,7 +205,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str 
                         episodes: int | None = None, greedy: bool = True) -> dict[str, Any]:
     """``steppo eval``: a checkpoint (or ``model.name``) on `split`, through the same
     generation side as training (``rollout.backend`` honoured); `summarize`'s keys."""
-    from steppo.envs.registry import env_factory
+    from steppo.envs.registry import env_factory, with_tools
     from steppo.models.build import build_models
     from steppo.models.builtin import env_corpus
     from steppo.trainer.generation import Generation
@@ -219,6 +219,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str 
     models = build_models(model_cfg, base_path=base, with_critic=False, shared_critic=False,
                           with_reference=False, temperature=cfg.rollout.temperature, policy_dir=policy_dir)
     models.policy.eval()
+    make_env = with_tools(make_env, models.chat)
+    env.settings = make_env.settings
     generation = Generation(cfg, models, env, make_env, own_copy=False)
     try:
         result = generation.play(tasks, [t.id for t in tasks], "eval", greedy=greedy)

@@ -41,3 +41,30 @@ def test_ctrl_c_names_the_iteration_and_the_resume_command(tmp_path):
     assert "interrupted at iteration" in err and "--resume" in err and f"run.output_dir={run}" in err
     # the checkpoints written before the interrupt are intact: the printed command resumes
     assert (run / "checkpoints").is_dir()
+
+
+def test_a_ctrl_c_some_library_swallows_still_stops_at_the_next_iteration(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt caught and dropped inside an iteration (a library's broad except) does
+    not leave the run going: it ends after that iteration, saved, with the resume command."""
+    from steppo.cli import main
+    from steppo.trainer.trainer import Trainer
+
+    real = Trainer.train_iteration
+
+    def iteration_that_eats_a_ctrl_c(self):
+        metrics = real(self)
+        if self.iteration == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass  # swallowed, no trace left
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_iteration", iteration_that_eats_a_ctrl_c)
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "trainer.iterations=6", f"run.output_dir={run}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at iteration 3 (iterations 1-2 finished" in err and "--resume" in err
+    assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_000001", "iter_000002"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

@@ -76,6 +76,7 @@ RAY_CPUS_PER_ENV = 0.25  # CPUs each Ray environment actor reserves (rollout.ray
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 TinySize = Literal["small", "base"]
+ToolFormat = Literal["auto", "hermes", "llama3_json", "mistral"]  # steppo.envs.actions.TOOL_SYNTAXES, or auto
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 TRACKERS: tuple[str, ...] = get_args(Tracker)
 

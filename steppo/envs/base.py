@@ -20,13 +20,22 @@ or an exception ends that episode as ``env_error`` with the reason, never the ru
 from __future__ import annotations
 
 import abc
+import json
 import math
 import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from steppo.envs.actions import MalformedAction, ToolCall, parse_command, parse_tool_call
+from steppo.envs.actions import (
+    CALL_EXAMPLES,
+    MalformedAction,
+    ToolCall,
+    openai_tools,
+    parse_command,
+    parse_tool_call,
+    render_tool_call,
+)
 
 SPLITS = ("train", "dev", "test")
 
@@ -132,11 +141,17 @@ class EnvSettings(EnvOptions):
         show_admissible: list the valid commands in each observation.
         max_new_tokens: the response budget this environment's actions need (used when
             rollout.max_new_tokens is not set).
+        tool_syntax: how tool calls are written and parsed (`steppo.envs.actions.TOOL_SYNTAXES`),
+            and native_tools: whether the chat template presents the tool schemas (else the
+            instructions describe them). Both follow the model's chat template
+            (`steppo.models.chat.ChatFormat`); the trainer sets them (`registry.with_tools`).
     """
 
     max_steps: int | None = 10
     show_admissible: bool = True
     max_new_tokens: int = 64
+    tool_syntax: str = "hermes"
+    native_tools: bool = False
 
 
 class TextEnv(abc.ABC):
@@ -195,6 +210,26 @@ class TextEnv(abc.ABC):
                 text += " First think in one short sentence, then write the command on a last line starting with 'Action:'."
         return text
 
+    # --- tools (``action_format = "tool_call"``), written the model's own way -------------------
+
+    def call_example(self) -> str | None:
+        """How a tool call is written, for `system_prompt`; None when the chat template presents
+        the tools itself (it teaches the syntax too)."""
+        return None if self.settings.native_tools else CALL_EXAMPLES[self.settings.tool_syntax]
+
+    def tool_list(self) -> str:
+        """``Tools: [schemas as JSON]`` for `system_prompt`; empty when the chat template presents them."""
+        return "" if self.settings.native_tools or not self.tools else "Tools: " + json.dumps(self.tools)
+
+    def chat_tools(self) -> list[dict] | None:
+        """The tool schemas for the chat template (OpenAI format) when it presents them, else None."""
+        native = self.settings.native_tools and self.action_format == "tool_call" and self.tools
+        return openai_tools(self.tools) if native else None
+
+    def tool_call_text(self, name: str, **arguments: Any) -> str:
+        """A tool call as this run's model writes it (expert demonstrations)."""
+        return render_tool_call(ToolCall(name, arguments), self.settings.tool_syntax, self.settings.native_tools)
+
     def reset(self, task: Task) -> tuple[str, dict[str, Any]]:
         self.task = task
         self.steps_taken = 0
@@ -222,7 +257,7 @@ class TextEnv(abc.ABC):
 
     def parse(self, response: str) -> str | ToolCall | MalformedAction:
         if self.action_format == "tool_call":
-            return parse_tool_call(response, self.tools)
+            return parse_tool_call(response, self.tools, self.settings.tool_syntax)
         return parse_command(response)
 
     def anchor(self) -> str | None:

@@ -26,11 +26,10 @@ dev and test draw from disjoint seed ranges.
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any
 
-from steppo.envs.actions import ToolCall, tool_call_text
+from steppo.envs.actions import ToolCall
 from steppo.envs.base import EnvSettings, Task, TextEnv, Transition
 
 MOVES = {"north": (0, 1), "south": (0, -1), "east": (1, 0), "west": (-1, 0)}
@@ -103,10 +102,9 @@ class CompassEnv(TextEnv):
     def system_prompt(self) -> str:
         intro = "You are exploring a grid of rooms to find a buried treasure. Dig only where it is buried. "
         if self.action_format == "tool_call":
-            return (
-                intro + 'Call exactly one tool per turn, as <tool_call>{"name": ..., "arguments": {...}}</tool_call>. '
-                "Tools: " + json.dumps(TOOLS)
-            )
+            example = self.call_example()
+            how = f"Call exactly one tool per turn, as {example}. " if example else "Call exactly one tool per turn."
+            return (intro + how + self.tool_list()).rstrip()
         return intro + "Reply with exactly one command: go north, go south, go east, go west, or dig."
 
     # ------------------------------------------------------------------ tasks
@@ -217,7 +215,8 @@ class CompassEnv(TextEnv):
             pos = (pos[0] + MOVES[path[0]][0], pos[1] + MOVES[path[0]][1])
         commands = [f"go {d}" for d in moves] + ["dig"]
         if self.action_format == "tool_call":
-            return [tool_call_text("dig") if c == "dig" else tool_call_text("move", direction=c[3:]) for c in commands]
+            call = self.tool_call_text
+            return [call("dig") if c == "dig" else call("move", direction=c[3:]) for c in commands]
         return commands
 
 

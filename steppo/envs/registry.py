@@ -168,6 +168,14 @@ class EnvFactory:
             raise EnvError(f"environment {self.name!r} rejected its params {self.params}: {exc}") from exc
 
 
+def with_tools(factory: EnvFactory, chat) -> EnvFactory:
+    """`factory` with its tool settings following the model's chat format (`chat`: a
+    `steppo.models.chat.ChatFormat`): its tool-call syntax, and whether its template presents
+    the tool schemas."""
+    settings = dataclasses.replace(factory.settings, tool_syntax=chat.tool_syntax, native_tools=chat.native_tools)
+    return dataclasses.replace(factory, settings=settings)
+
+
 REACT_MIN_NEW_TOKENS = 96  # response budget of a ReAct step (a short thought, then the action)
 
 

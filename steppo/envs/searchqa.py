@@ -43,7 +43,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from steppo.envs.actions import ToolCall, tool_call_text
+from steppo.envs.actions import ToolCall
 from steppo.envs.base import SPLITS, EnvSettings, Task, TextEnv, Transition
 from steppo.envs.qa_data import (
     PassageIndex,
@@ -146,13 +146,13 @@ class SearchQAEnv(TextEnv):
         return EnvSettings(max_steps=6, show_admissible=False, max_new_tokens=128)
 
     def system_prompt(self) -> str:
+        example = self.call_example()
         return (
             "Answer the question with the help of a search engine over a collection of passages. "
             "Questions may need several searches: look up one entity at a time and follow the facts. "
-            "Each turn, think briefly, then call exactly one tool as "
-            '<tool_call>{"name": ..., "arguments": {...}}</tool_call>. '
-            "Answer with a short span (a name, date, number, yes or no). Tools: " + json.dumps(TOOLS)
-        )
+            "Each turn, think briefly, then call exactly one tool" + (f" as {example}. " if example else ". ") +
+            "Answer with a short span (a name, date, number, yes or no). " + self.tool_list()
+        ).rstrip()
 
     # ------------------------------------------------------------------ tasks
 
@@ -220,8 +220,8 @@ class SearchQAEnv(TextEnv):
         """Search each supporting passage's title (in reading order), then give the gold answer."""
         q = self._questions[task.payload["qid"]]
         titles = list(dict.fromkeys(self.data.passages[self._row[pid]].title for pid in q.support))
-        searches = [tool_call_text("search", query=t) for t in titles]
-        return searches + [tool_call_text("answer", text=q.answers[0])]
+        searches = [self.tool_call_text("search", query=t) for t in titles]
+        return searches + [self.tool_call_text("answer", text=q.answers[0])]
 
 
 def _found(subdir: str) -> bool:

@@ -98,7 +98,7 @@ def build_models(model_cfg, *, base_path: Path, with_critic: bool, shared_critic
         tokenizer.chat_template = chat_template(model_cfg.chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    chat = ChatFormat(tokenizer)
+    chat = ChatFormat(tokenizer, model_cfg.tool_format, model_cfg.native_tools)
     use_lora = model_cfg.lora_rank > 0
     if use_lora:
         base = load_causal_lm(base_path, weights_dtype, device, options)

@@ -176,12 +176,17 @@ class RolloutEngine:
         system_prompt: str | None,
         env_settings: EnvSettings,
         stop_ids: set[int] | None = None,
+        tools: list[dict] | None = None,
     ):
+        """`tools`: the environment's tool schemas for a chat template that presents them
+        (`TextEnv.chat_tools`): rendered in every first prompt, and the results of well-formed
+        tool calls come back as ``tool`` turns where the template has them."""
         check_choices(settings, "rollout")  # settings built in code skip the config's load-time check
         self.settings = settings
         self.chat = chat
         self.backend = backend
         self.system_prompt = system_prompt
+        self.tools = tools
         self.max_steps = env_settings.max_steps
         self.max_new_tokens = settings.max_new_tokens or env_settings.max_new_tokens
         self.stop_ids = set(stop_ids or ()) | {chat.end_of_turn_id}
@@ -338,7 +343,7 @@ class RolloutEngine:
     def _on_reset(self, ep: Episode, observation: str, info: dict, ready: list[Episode]) -> None:
         ep.task_text = observation
         ep.anchor = info.get("anchor")
-        ep.first_prompt = self.chat.initial_prompt(self.system_prompt, observation)
+        ep.first_prompt = self.chat.initial_prompt(self.system_prompt, observation, self.tools)
         self._set_prompt(ep, ep.first_prompt, ready)
 
     def _set_prompt(self, ep: Episode, prompt: list[int], ready: list[Episode]) -> None:
@@ -378,7 +383,8 @@ class RolloutEngine:
         ep.anchor = info.get("anchor")
         ep.history.append((step.info["action"], result.observation))
         closed = not step.response_truncated
-        turn = step.response_ids + self.chat.observation_ids(result.observation, closed)
+        tool_result = self.tools is not None and not info.get("malformed")
+        turn = step.response_ids + self.chat.observation_ids(result.observation, closed, tool_result)
         ep.turns.append(turn)
         if result.terminated:
             self._finish(ep, "terminated")
@@ -402,7 +408,7 @@ class RolloutEngine:
         if ctx == "window":
             kept = ep.turns[-self.settings.window:] if self.settings.window > 0 else []
             return ep.first_prompt + [t for turn_ids in kept for t in turn_ids]
-        return self.chat.initial_prompt(self.system_prompt, rendered)
+        return self.chat.initial_prompt(self.system_prompt, rendered, self.tools)
 
     # ------------------------------------------------------------------ records
 

@@ -4,7 +4,9 @@ interrupted save never leaves a half-written checkpoint where `--resume` would f
 Layout of ``<run>/checkpoints/iter_000040/``::
 
     policy/               Hugging Face model dir (or LoRA adapter dir) + tokenizer
-    critic.safetensors    critic decoder + value head (when there is a critic)
+    critic.safetensors    the critic's trainable weights (when there is a critic): decoder + value
+                          head, or with LoRA only its adapters + head (its frozen decoder is the
+                          base model's, rebuilt from it on resume)
     trainer_state.pt      iteration, policy version, optimiser and RNG states (tensors, numbers,
                           lists and dicts only: read with ``torch.load(weights_only=True)``, so a
                           crafted file cannot run code)
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 if TYPE_CHECKING:
     from steppo.trainer.trainer import Trainer
@@ -171,7 +173,7 @@ def save_checkpoint(
         policy_model.save_pretrained(tmp / "policy")
         tokenizer.save_pretrained(tmp / "policy")
         if critic is not None:
-            save_model(critic, str(tmp / "critic.safetensors"))
+            save_critic(critic, tmp / "critic.safetensors")
         torch.save({**state, "rng": rng_state()}, tmp / STATE)
         manifest = {
             "format": FORMAT, "iteration": iteration, "run_id": run_id,
@@ -250,8 +252,34 @@ def find_resumable(root: Path, say: Callable[[str], None] = print,
     return None, None, skipped
 
 
+def _frozen(critic) -> set[str]:
+    return {n for n, p in critic.named_parameters() if not p.requires_grad}
+
+
+def save_critic(critic, path: Path) -> None:
+    """The critic's weights, without its frozen ones (a LoRA critic's base decoder: as large as
+    the policy, and equal to the base model's, which resuming rebuilds it from)."""
+    frozen = _frozen(critic)
+    if not frozen:
+        save_model(critic, str(path))
+        return
+    state = {k: v.detach().contiguous() for k, v in critic.state_dict().items() if k not in frozen}
+    save_file(state, str(path), metadata={"steppo_frozen_left_out": str(len(frozen))})
+
+
 def load_critic(critic, path: Path) -> None:
-    load_model(critic, str(path / "critic.safetensors"))
+    """Load `save_critic`'s file into `critic` (built as at the start: its frozen weights are the
+    base model's); every weight the file should hold must be there."""
+    frozen = _frozen(critic)
+    if not frozen:
+        load_model(critic, str(path / "critic.safetensors"))
+        return
+    state = load_file(str(path / "critic.safetensors"), device=str(next(critic.parameters()).device))
+    missing, unexpected = critic.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'critic.safetensors'} does not fit the critic: missing {missing[:3]}, "
+                              f"unexpected {list(unexpected)[:3]}")
 
 
 # ----------------------------------------------------------------------------- a trainer's checkpoint

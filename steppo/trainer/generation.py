@@ -36,7 +36,7 @@ def check_first_prompt(cfg: Config, env: TextEnv, chat, task: Task) -> None:
     """A context limit that leaves no room for the first prompt would end every episode
     before its first action (and train on nothing): refused before any work."""
     observation, _ = env.reset(task)
-    prompt = chat.initial_prompt(env.instructions(), observation)
+    prompt = chat.initial_prompt(env.instructions(), observation, env.chat_tools())
     budget = cfg.rollout.max_new_tokens or env.settings.max_new_tokens
     limit = cfg.rollout.context_limit
     if len(prompt) + budget > limit:
@@ -81,7 +81,7 @@ class Generation:
         self.follows_policy = not own  # refreshed after every update (else: only by `load`)
         self.backend = make_backend(cfg, models, model)
         self.engine = RolloutEngine(make_env, models.chat, self.backend, cfg.rollout, env.instructions(),
-                                    env.settings)
+                                    env.settings, tools=env.chat_tools())
         self.version = 0
         self.dist = dist_lib.Distributed()
 

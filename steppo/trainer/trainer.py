@@ -30,7 +30,7 @@ import yaml
 
 from steppo.config import Config, ConfigError, preflight
 from steppo.envs.base import Task
-from steppo.envs.registry import env_factory
+from steppo.envs.registry import env_factory, with_tools
 from steppo.evaluate import describe, evaluate, success_of
 from steppo.models.build import Models, build_models, resolve_base_model
 from steppo.models.builtin import env_corpus
@@ -119,6 +119,8 @@ class Trainer:
             reference_path=self.sft_dir if (self.sft_dir / "config.json").exists() else None,
         )
         self.pad_id = self.models.tokenizer.pad_token_id
+        self.make_env = with_tools(self.make_env, self.models.chat)  # tool calls the model's own way
+        self.env.settings = self.make_env.settings
         check_first_prompt(cfg, self.env, self.models.chat, self.train_tasks[0])
         if resume_from is not None and self.models.critic is not None:
             ckpt.load_critic(self.models.critic, resume_from)
