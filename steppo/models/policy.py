@@ -52,7 +52,7 @@ def load_options(model_cfg=None, *, weights: bool = True) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _options_for(path: str | Path, options: dict | None) -> dict:
+def options_for(path: str | Path, options: dict | None) -> dict:
     """`options` for `path`: a revision names a hub commit, so a local directory drops it."""
     options = dict(options or {})
     if Path(path).expanduser().is_dir():
@@ -79,7 +79,7 @@ def load_tokenizer(path: str | Path, options: dict | None = None):
     normaliser and prefix space).
     """
     _check_source(path)
-    kw = _options_for(path, options)
+    kw = options_for(path, options)
     kw.pop("attn_implementation", None)
     marker = Path(path) / "tokenizer_config.json"
     if marker.exists() and '"PreTrainedTokenizerFast"' in marker.read_text():
@@ -91,7 +91,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device,
                    options: dict | None = None) -> PreTrainedModel:
     """A causal LM on `device` (`options`: see `load_options`)."""
     _check_source(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **_options_for(path, options))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **options_for(path, options))
     return model.to(device)
 
 

@@ -46,12 +46,14 @@ class VLLMBackend:
         temperature: sampling temperature (greedy requests use 0).
         max_model_len: longest prompt + response (``rollout.context_limit``).
         gpu_memory_utilization: fraction of GPU memory vLLM may take (ignored on CPU).
+        options: ``revision`` / ``trust_remote_code`` for the engine's model (`steppo.models.policy.load_options`;
+            a local directory drops the revision).
     """
 
     def __init__(self, model: nn.Module, base_path: str | Path, stop_ids: set[int], temperature: float,
                  max_model_len: int = RolloutSettings.context_limit,
                  gpu_memory_utilization: float = RolloutSettings.vllm_gpu_memory_utilization, seed: int = 0,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", options: dict | None = None):
         # the engine runs in this process, so weights can be pushed without serialising them
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
@@ -62,10 +64,14 @@ class VLLMBackend:
         self.model = model
         self.stop_ids = sorted(stop_ids)
         self.temperature = temperature
+        from steppo.models.policy import options_for
+
+        engine_options = {k: v for k, v in options_for(base_path, options).items()
+                          if k in ("revision", "trust_remote_code")}
         self.llm = LLM(
             model=str(base_path), skip_tokenizer_init=True, enable_prefix_caching=True,
             max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-            dtype=dtype, logprobs_mode="processed_logprobs", enforce_eager=True,
+            dtype=dtype, logprobs_mode="processed_logprobs", enforce_eager=True, **engine_options,
         )
         self.prompt_tokens = 0
         self.prefill_tokens = 0

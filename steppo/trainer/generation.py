@@ -52,11 +52,13 @@ def make_backend(cfg: Config, models: Models, model: torch.nn.Module):
     r = cfg.rollout
     stop = {models.chat.end_of_turn_id} | getattr(models.chat, "stop_ids", set())  # + the tokenizer's eos
     if r.backend == "vllm":
+        from steppo.models.policy import load_options
         from steppo.rollout.vllm_backend import VLLMBackend
 
         return VLLMBackend(model, models.base_path, stop, r.temperature, max_model_len=r.context_limit,
                            gpu_memory_utilization=r.vllm_gpu_memory_utilization, seed=cfg.run.seed,
-                           dtype=cfg.model.dtype if models.device.type == "cuda" else "float32")
+                           dtype=cfg.model.dtype if models.device.type == "cuda" else "float32",
+                           options=load_options(cfg.model, weights=False))
     return LocalBackend(model, stop, r.temperature, models.tokenizer.pad_token_id,
                         kv_cache=r.kv_cache and r.context == "cumulative")
 
