@@ -28,6 +28,8 @@ tools gets them described in the system prompt (``model.native_tools=false`` for
 
 from __future__ import annotations
 
+import json
+
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
@@ -41,6 +43,18 @@ _TOOL_OBS = "STEPPO_TOOL_RESULT_7f3a"  # ASCII: templates may JSON-escape a tool
 PROBE_TOOLS = [{"type": "function", "function": {
     "name": "steppo_probe_tool", "description": "a probe",
     "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+
+
+def _template_call(call: dict) -> dict:
+    """An OpenAI tool call with its arguments as an object (templates apply ``tojson`` to them)."""
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return {"type": "function", "function": fn, **({"id": call["id"]} if "id" in call else {})}
 
 
 def template_tool_syntax(template: str, rendered: str) -> str | None:
@@ -218,6 +232,51 @@ class ChatFormat:
         delta = self._probe([{"role": "user", "content": _U}], _A, observation=observation, role=role, tools=tools)
         ids = self.encode(delta)
         return ids[1:] if response_closed and ids[:1] == [self.end_of_turn_id] else ids
+
+    def conversation_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A whole conversation (OpenAI-style messages) rendered by the template, with the
+        generation prompt: the start of a new chain (the gateway, when an agent's history is not
+        one it was given). ``tool`` messages become user turns where the template has no tool
+        turns; without a system role the system message joins the first user message."""
+        messages = self._normalised(messages)
+        if messages and messages[0]["role"] == "system" and not self._system_role:
+            rest = messages[1:]
+            first = rest[0]["content"] if rest and rest[0]["role"] == "user" else ""
+            messages = self._messages(messages[0]["content"], first) + rest[1 if first else 0:]
+        return self.encode(self._render(messages, True, tools if tools and self.native_tools else None))
+
+    def continuation_ids(self, messages: list[dict], response_closed: bool, tools: list[dict] | None = None) -> list[int]:
+        """Ids to append after an assistant turn for the non-assistant `messages` that follow it
+        (tool results, a user message; several at once), then the generation prompt: the
+        template's delta, as `observation_ids` renders one observation."""
+        messages = self._normalised(messages)
+        if not messages or any(m["role"] in ("assistant", "system") for m in messages):
+            raise ValueError("a continuation holds only user and tool messages")
+        native = tools if tools and self.native_tools else None
+        head = [{"role": "user", "content": _U}, {"role": "assistant", "content": _A}]
+        try:
+            text = self._render(head + messages, True, native or (PROBE_TOOLS if self.tool_role else None))
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
+        at = text.find(_A)
+        ids = self.encode(text[at + len(_A):])
+        return ids[1:] if response_closed and ids[:1] == [self.end_of_turn_id] else ids
+
+    def _normalised(self, messages: list[dict]) -> list[dict]:
+        """Messages as templates take them: text content, tool turns only where the template
+        has them, assistant tool-call arguments as objects."""
+        out = []
+        for m in messages:
+            role, content = m["role"], m.get("content") or ""
+            if isinstance(content, list):  # OpenAI content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if role == "tool" and not self.tool_role:
+                role = "user"
+            msg = {"role": role, "content": content}
+            if role == "assistant" and m.get("tool_calls"):
+                msg["tool_calls"] = [_template_call(c) for c in m["tool_calls"]]
+            out.append(msg)
+        return out
 
     def decode(self, ids: list[int]) -> str:
         """The response text, special tokens left out except the tool-call markers (Mistral's
