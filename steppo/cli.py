@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
     cp.add_argument("--out", help="results directory (default results/<protocol name>)")
     cp.add_argument("--runs", help="run directories (default runs/compare/<protocol name>)")
+    sv = sub.add_parser("serve", help="the agent gateway: an OpenAI-compatible endpoint over a policy, recording "
+                        "sessions as exact-token trajectories (see steppo.gateway)")
+    sv.add_argument("overrides", nargs="*", help="dotted overrides (model.*, rollout.temperature, ...)")
+    sv.add_argument("--checkpoint", help="checkpoint, …/checkpoints/latest or a run directory (default: model.name)")
+    sv.add_argument("--pool", help="data pool directory (default <run.output_dir>/pool)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env STEPPO_API_KEY, else none)")
     gp = sub.add_parser("config", help="list every config key with its default and what it does")
     gp.add_argument("--yaml", action="store_true", help="print the defaults as a YAML config file instead")
     vp = sub.add_parser("view", help="write one HTML page of a run's sampled steps and curves (see steppo.view)")
@@ -206,6 +214,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from steppo.evaluate import checkpoint_config, serve_checkpoint
+
+    if args.checkpoint:
+        cfg, checkpoint = checkpoint_config(args.checkpoint, None, args.overrides, say=_say(_console()))
+    else:
+        cfg, checkpoint = load_config(None, args.overrides), None
+    pool = Path(args.pool) if args.pool else Path(cfg.run.output_dir) / "pool"
+    serve_checkpoint(cfg, checkpoint, pool, args.host, args.port, args.api_key or os.environ.get("STEPPO_API_KEY"),
+                     say=_say(_console()))
+    return 0
+
+
 def cmd_export(args) -> int:
     from steppo.evaluate import checkpoint_config, export_checkpoint
 
@@ -306,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in ("config", "view"):  # these stay light (no transformers)
         _quiet_libraries()
     try:
-        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+        commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
                     "config": cmd_config, "view": cmd_view}
         return commands[args.command](args)
     except ConfigError as exc:
@@ -316,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nsteppo: {_interrupted(args)}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
+        from steppo.rollout.engine import RolloutError
         from steppo.trainer.update import NonFiniteError
 
-        if not isinstance(exc, NonFiniteError):
+        if not isinstance(exc, (NonFiniteError, RolloutError)):
             raise
         print(f"steppo: training stopped: {exc}", file=sys.stderr)
         return 1

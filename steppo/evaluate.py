@@ -236,6 +236,34 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None = None, split: str 
             **summary}
 
 
+def serve_checkpoint(cfg: Config, checkpoint: Path | None, pool: Path, host: str = "127.0.0.1", port: int = 8000,
+                     api_key: str | None = None, say: Callable[[str], None] = print) -> None:
+    """``steppo serve``: the agent gateway (`steppo.gateway`) over a checkpoint's policy (or
+    ``model.name``), finished sessions appended to the data pool in `pool`, until interrupted."""
+    from steppo.envs.registry import env_factory
+    from steppo.gateway.server import create_app, run_server
+    from steppo.gateway.service import Limits, gateway_for
+    from steppo.models.build import build_models
+    from steppo.models.builtin import env_corpus
+
+    make_env = env_factory(cfg.env)
+    model_cfg, base, policy_dir = _model_source(
+        cfg, checkpoint, lambda: env_corpus(make_env(), make_env().tasks(cfg.env.train_split)))
+    models = build_models(model_cfg, base_path=base, with_critic=False, shared_critic=False, with_reference=False,
+                          temperature=cfg.rollout.temperature, policy_dir=policy_dir)
+    models.policy.eval()
+    limits = Limits(max_tokens=cfg.rollout.max_new_tokens or 512, context_limit=cfg.rollout.context_limit)
+    gateway = gateway_for(models, pool, temperature=cfg.rollout.temperature, limits=limits,
+                          model_name=str(checkpoint or cfg.model.name))
+    say(f"serving {gateway.model_name} on http://{host}:{port}/v1 (a session: http://{host}:{port}/sessions/ID/v1); "
+        f"tools: {'the template' if models.chat.native_tools else 'system prompt'}, {models.chat.tool_syntax} syntax; "
+        f"pool: {pool}")
+    try:
+        run_server(create_app(gateway, api_key=api_key), host=host, port=port)
+    finally:
+        gateway.batcher.close()
+
+
 def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:
     """``steppo export``: the checkpoint's policy as a plain Hugging Face model directory (LoRA
     adapters merged, tokenizer and chat template included) that transformers or vLLM load with

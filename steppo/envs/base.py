@@ -165,6 +165,7 @@ class TextEnv(abc.ABC):
     action_format: str = "text"  # "text" or "tool_call"
     corpus_tasks: int = 400  # training tasks whose text trains the `tiny` tokenizer
     tools: dict[str, dict] | None = None  # tool name -> JSON schema, for tool_call envs
+    external = False  # played by an agent program through the gateway (env=agent), not stepped here
 
     def __init__(self, settings: EnvSettings | None = None):
         self.settings = settings or self.default_settings()

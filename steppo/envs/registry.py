@@ -31,6 +31,7 @@ ENVIRONMENTS: dict[str, str] = {
     "textworld": "steppo.envs.textworld_games:TextWorldEnv",
     "alfworld": "steppo.envs.alfworld:ALFWorldEnv",
     "searchqa": "steppo.envs.searchqa:SearchQAEnv",
+    "agent": "steppo.envs.agent:AgentTasks",
 }
 ENTRY_POINT_GROUP = "steppo.envs"
 BUILDING_ENV = "STEPPO_BUILDING_ENV"  # set by an environment process while it builds its environment

@@ -141,6 +141,7 @@ class Gateway:
         self.limits = limits or Limits()
         self.counts: Counter = Counter()
         self.created = int(time.time())
+        self.force_greedy = lambda session_id: False  # evaluation: greedy whatever the agent asks
 
     # ------------------------------------------------------------------ a request
 
@@ -164,7 +165,7 @@ class Gateway:
         if not 1 <= budget <= lim.max_tokens:
             raise GatewayError(f"max_tokens must be between 1 and {lim.max_tokens}", param="max_tokens")
         temperature = req.get("temperature")
-        greedy = temperature is not None and temperature == 0
+        greedy = (temperature is not None and temperature == 0) or self.force_greedy(session_id)
         if (temperature not in (None, 0) and not math.isclose(temperature, self.temperature)) or \
                 req.get("top_p") not in (None, 1, 1.0):
             self.counts["sampling_overridden"] += 1

@@ -128,6 +128,7 @@ class RolloutResult:
     wall_s: float
     env_calls: list[tuple[float, float, int]]  # (start, end, episode) of every env call
     generation_calls: list[tuple[float, float]]
+    extra: dict[str, float] = field(default_factory=dict)  # engine-specific counters (gateway/...), logged as they are
 
     @property
     def failed(self) -> list[Episode]:
@@ -156,7 +157,7 @@ class RolloutResult:
             f"{prefix}generated_tokens": float(self.generated_tokens),
             f"{prefix}generation_tokens_per_s": self.generated_tokens / max(self.generation_s, 1e-9),
         }
-        return out
+        return {**out, **self.extra} if prefix == "rollout/" else out
 
 
 def episode_generator(seed: int, *parts: object) -> torch.Generator:

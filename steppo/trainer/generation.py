@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ from steppo.trainer import distributed as dist_lib
 def check_first_prompt(cfg: Config, env: TextEnv, chat, task: Task) -> None:
     """A context limit that leaves no room for the first prompt would end every episode
     before its first action (and train on nothing): refused before any work."""
+    if env.external:  # an agent builds its own prompts (the gateway refuses over-long ones per call)
+        return
     observation, _ = env.reset(task)
     prompt = chat.initial_prompt(env.instructions(), observation, env.chat_tools())
     budget = cfg.rollout.max_new_tokens or env.settings.max_new_tokens
@@ -82,8 +85,17 @@ class Generation:
         self.model = model
         self.follows_policy = not own  # refreshed after every update (else: only by `load`)
         self.backend = make_backend(cfg, models, model)
-        self.engine = RolloutEngine(make_env, models.chat, self.backend, cfg.rollout, env.instructions(),
-                                    env.settings, tools=env.chat_tools())
+        if env.external:
+            from steppo.envs.agent import load_entrypoint
+            from steppo.gateway.runner import AgentRunner
+
+            self.engine = AgentRunner(load_entrypoint(env.entrypoint), models, self.backend,
+                                      Path(cfg.run.output_dir) / "pool", env.concurrency, cfg.rollout.temperature,
+                                      cfg.rollout.max_new_tokens or env.settings.max_new_tokens,
+                                      cfg.rollout.context_limit)
+        else:
+            self.engine = RolloutEngine(make_env, models.chat, self.backend, cfg.rollout, env.instructions(),
+                                        env.settings, tools=env.chat_tools())
         self.version = 0
         self.dist = dist_lib.Distributed()
 

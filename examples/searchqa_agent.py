@@ -1,0 +1,70 @@
+"""A search-QA agent written only against the `openai` SDK, with tool calling, trained by StepPO
+through the gateway (``env=agent``): nothing in it knows about StepPO's training.
+
+    python examples/searchqa_agent.py tasks.jsonl          # write the task file (synthetic KB)
+    steppo train env=agent env.params.entrypoint=examples.searchqa_agent:run \\
+        env.params.tasks=tasks.jsonl sft.enabled=false
+
+Its tools (`search`, `answer`) run here, in the agent's process, over the synthetic knowledge
+base of the built-in `searchqa` environment (same questions, same BM25 search, same reward:
+exact match), so its learning curve can be set beside the built-in environment's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import openai
+
+from steppo.envs.actions import ToolCall, openai_tools, render_tool_call
+from steppo.envs.base import EnvSettings
+from steppo.envs.searchqa import TOOLS, SearchQAEnv
+
+MAX_STEPS = 4
+KB = {"source": "synthetic", "num_tasks": {"train": 400, "dev": 50, "test": 50}}
+TOOL_LIST = openai_tools(TOOLS)
+
+
+@functools.cache
+def _tasks() -> dict:
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **KB)
+    return {t.id: t for split in ("train", "dev", "test") for t in env.tasks(split)}
+
+
+def run(task: dict, base_url: str) -> dict:
+    """One episode: ask, search, answer. Returns the reward (exact match) and success."""
+    client = openai.OpenAI(base_url=base_url, api_key="steppo", max_retries=0)
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS, native_tools=True), **KB)  # the search engine and grader
+    question, _ = env.reset(_tasks()[task["task_id"]])
+    messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
+    for _ in range(MAX_STEPS):
+        reply = client.chat.completions.create(model="policy", messages=messages, tools=TOOL_LIST)
+        message = reply.choices[0].message
+        messages.append(message.model_dump(exclude_none=True))
+        if not message.tool_calls:
+            result = env.step(message.content or "")  # the grader counts the step as malformed
+            follow = {"role": "user", "content": result.observation}
+        else:
+            call = message.tool_calls[0]
+            result = env.step(render_tool_call(ToolCall(call.function.name, json.loads(call.function.arguments))))
+            follow = {"role": "tool", "tool_call_id": call.id, "content": result.observation}
+        if result.terminated or result.truncated:
+            return {"reward": result.reward, "success": bool(result.info.get("success")),
+                    "status": "terminated" if result.terminated else "truncated"}
+        messages.append(follow)
+    return {"reward": 0.0, "success": False, "status": "truncated"}
+
+
+def write_tasks(path: str, train: int = 400, dev: int = 50) -> None:
+    """The task file: one line per question ({"id", "split", "task_id"})."""
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **KB)
+    with open(path, "w") as f:
+        for split, n in (("train", train), ("dev", dev)):
+            for t in env.tasks(split)[:n]:
+                f.write(json.dumps({"id": t.id, "split": split, "task_id": t.id}) + "\n")
+
+
+if __name__ == "__main__":
+    write_tasks(sys.argv[1] if len(sys.argv) > 1 else "tasks.jsonl")

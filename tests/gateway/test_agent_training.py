@@ -1,0 +1,76 @@
+"""``steppo train env=agent``: an OpenAI-SDK agent (examples/searchqa_agent.py) trained through
+the gateway, through the real entry point; and agents that fail or return garbage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from steppo.cli import main
+from steppo.gateway.pool import read_pool
+from tests.test_cli_runs import TINY
+
+pytest.importorskip("openai")
+ROOT = Path(__file__).resolve().parents[2]
+FAST = [a for a in TINY if not a.startswith(("rollout.max_new_tokens", "env.max_steps"))] + ["rollout.max_new_tokens=24"]
+
+
+@pytest.fixture
+def tasks(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.searchqa_agent import write_tasks
+
+    path = tmp_path / "tasks.jsonl"
+    write_tasks(str(path), train=20, dev=4)
+    return path
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_an_openai_sdk_agent_trains_through_the_gateway(tmp_path, tasks):
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "env.name=agent", "env.params={entrypoint: 'examples.searchqa_agent:run', tasks: "
+                 f"'{tasks}', concurrency: 4}}", "trainer.iterations=2", f"run.output_dir={out}"]) == 0
+    rows = [r for r in _rows(out) if r["iteration"] >= 1]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all(r["gateway/retokenized_turns"] == 0 and r["gateway/prefix_extended_frac"] == 1.0 for r in rows)
+    assert all("policy/loss" in r and r["rollout/episodes"] == 4 for r in rows)
+    pool = read_pool(out / "pool")
+    assert len(pool.trajectories) >= 8 and not pool.skipped  # training and evaluation episodes, all in the pool
+    assert all(s.policy_version in (0, 1, 2) for t in pool.trajectories for s in t.steps)
+    assert {s.policy_version for t in pool.trajectories for s in t.steps} >= {0, 1}
+
+
+BROKEN = '''
+import math
+def raises(task, base_url):
+    raise RuntimeError("the agent crashed")
+def nan(task, base_url):
+    import openai
+    openai.OpenAI(base_url=base_url, api_key="x").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    return math.nan
+'''
+
+
+@pytest.mark.parametrize("fn, why", [("raises", "RuntimeError: the agent crashed"), ("nan", "finite number")])
+def test_an_agent_that_crashes_or_returns_nan_stops_clearly_and_is_never_trained_on(tmp_path, tasks, monkeypatch,
+                                                                                   capsys, fn, why):
+    (tmp_path / "broken_agent.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("broken_agent", None)
+    out = tmp_path / "run"
+    rc = main(["train", *FAST, "env.name=agent", f"env.params={{entrypoint: 'broken_agent:{fn}', tasks: '{tasks}'}}",
+               "trainer.iterations=2", f"run.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "every agent episode of this round failed" in err and why in err
+    rows = _rows(out) if (out / "metrics.jsonl").exists() else []
+    assert not any("policy/loss" in r for r in rows)  # nothing was trained on
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("iter_*"))
+    for t in read_pool(out / "pool").trajectories:  # what reached the pool is marked, not a finished episode
+        assert t.end_reason == "agent_error" and t.steps[-1].truncated
