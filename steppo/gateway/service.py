@@ -162,8 +162,11 @@ class Gateway:
         if not 1 <= n <= lim.max_n:
             raise GatewayError(f"n must be between 1 and {lim.max_n}", param="n")
         budget = req.get("max_completion_tokens") or req.get("max_tokens") or lim.max_tokens
-        if not 1 <= budget <= lim.max_tokens:
-            raise GatewayError(f"max_tokens must be between 1 and {lim.max_tokens}", param="max_tokens")
+        if budget < 1:
+            raise GatewayError("max_tokens must be >= 1", param="max_tokens")
+        if budget > lim.max_tokens:  # frameworks ask for thousands by default: the run's budget applies
+            budget = lim.max_tokens
+            self.counts["max_tokens_clamped"] += 1
         temperature = req.get("temperature")
         greedy = (temperature is not None and temperature == 0) or self.force_greedy(session_id)
         if (temperature not in (None, 0) and not math.isclose(temperature, self.temperature)) or \

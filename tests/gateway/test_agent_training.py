@@ -74,3 +74,15 @@ def test_an_agent_that_crashes_or_returns_nan_stops_clearly_and_is_never_trained
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("iter_*"))
     for t in read_pool(out / "pool").trajectories:  # what reached the pool is marked, not a finished episode
         assert t.end_reason == "agent_error" and t.steps[-1].truncated
+
+
+def test_a_smolagents_agent_runs_rollouts_and_an_update_through_the_gateway(tmp_path, tasks):
+    pytest.importorskip("smolagents")
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "env.name=agent", "env.params={entrypoint: 'examples.smolagents_searchqa:run', "
+                 f"tasks: '{tasks}', concurrency: 4}}", "trainer.iterations=1", "rollout.context_limit=8192",
+                 f"run.output_dir={out}"]) == 0
+    [row] = [r for r in _rows(out) if r["iteration"] == 1]
+    assert "policy/loss" in row and row["gateway/steps"] >= 4
+    # smolagents re-renders its memory: counted, never silent
+    assert row["gateway/retokenized_turns"] > 0 or row["gateway/prefix_extended_frac"] == 1.0
