@@ -4,7 +4,9 @@ continuation, the data pool), at 1, 8 and 32 concurrent sessions.
 
 Workload: synthetic search-QA tasks (`searchqa`, source synthetic: the agent's tools run in the
 agent's own process, as an external agent's would), the `tiny` model (or `--model
-smollm2-135m`), responses of up to `--max-tokens` tokens, at most 4 steps per episode. Direct:
+smollm2-135m`), responses of up to `--max-tokens` tokens, at most 4 steps per episode, greedy
+decoding on both paths, so both generate the same tokens for the same prompts (checked:
+``same_tokens``) and the difference is the gateway's own cost. Direct:
 `RolloutEngine` with `num_envs` = concurrency and one generation call per ready batch. Gateway:
 `concurrency` threads, each an agent on the `openai` client against its own session URL.
 
@@ -51,7 +53,7 @@ def direct(models, tasks, concurrency: int, max_tokens: int, seed: int) -> dict:
                            RolloutSettings(num_envs=concurrency, max_batch=concurrency, max_new_tokens=max_tokens),
                            env.instructions(), env.settings)
     t0 = time.perf_counter()
-    result = engine.run(tasks, [t.id for t in tasks], seed=seed)
+    result = engine.run(tasks, [t.id for t in tasks], seed=seed, greedy=True)
     wall = time.perf_counter() - t0
     engine.close()
     steps = sum(len(t.steps) for t in result.trajectories)
@@ -69,6 +71,7 @@ def through_gateway(models, tasks, concurrency: int, max_tokens: int, seed: int,
 
     def agent(url: str) -> None:
         env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **PARAMS)
+        http = httpx.Client()
         while True:
             with lock:
                 if not queue:
@@ -79,9 +82,9 @@ def through_gateway(models, tasks, concurrency: int, max_tokens: int, seed: int,
             question, _ = env.reset(task)
             messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
             reward = 0.0
-            for t in range(MAX_STEPS):
+            for _ in range(MAX_STEPS):
                 r = client.chat.completions.create(model="policy", messages=messages, max_tokens=max_tokens,
-                                                   seed=seed * 100_000 + i * 10 + t)
+                                                   temperature=0)
                 text = r.choices[0].message.content or ""
                 result = env.step(text)
                 with lock:
@@ -92,8 +95,8 @@ def through_gateway(models, tasks, concurrency: int, max_tokens: int, seed: int,
                     break
                 messages += [r.choices[0].message.model_dump(exclude_none=True),
                              {"role": "user", "content": result.observation}]
-            httpx.post(f"{url}/sessions/{session}/reward", json={"reward": reward})
-            httpx.post(f"{url}/sessions/{session}/end", json={"status": "terminated"})
+            http.post(f"{url}/sessions/{session}/reward", json={"reward": reward})
+            http.post(f"{url}/sessions/{session}/end", json={"status": "terminated"})
 
     with BackgroundServer(create_app(gw, max_concurrent=4 * concurrency)) as url:
         threads = [threading.Thread(target=lambda: _guard(agent, url, errors)) for _ in range(concurrency)]
@@ -145,7 +148,7 @@ def main() -> None:
         for c in args.concurrency:
             d = direct(models, tasks, c, args.max_tokens, args.seed)
             g = through_gateway(models, tasks, c, args.max_tokens, args.seed, Path(tmp) / f"pool{c}")
-            rows[str(c)] = {"direct": d, "gateway": g,
+            rows[str(c)] = {"direct": d, "gateway": g, "same_tokens": d["generated_tokens"] == g["generated_tokens"],
                             "added_per_step_frac": round(g["ms_per_step"] / d["ms_per_step"] - 1, 3)}
     print(json.dumps({"benchmark": "gateway", "model": args.model, "episodes": args.episodes,
                       "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "concurrency": rows},

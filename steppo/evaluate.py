@@ -253,8 +253,11 @@ def serve_checkpoint(cfg: Config, checkpoint: Path | None, pool: Path, host: str
                           temperature=cfg.rollout.temperature, policy_dir=policy_dir)
     models.policy.eval()
     limits = Limits(max_tokens=cfg.rollout.max_new_tokens or 512, context_limit=cfg.rollout.context_limit)
+    from steppo.trainer.generation import make_backend
+
     gateway = gateway_for(models, pool, temperature=cfg.rollout.temperature, limits=limits,
-                          model_name=str(checkpoint or cfg.model.name))
+                          model_name=str(checkpoint or cfg.model.name),
+                          backend=make_backend(cfg, models, models.policy.model))  # rollout.backend=vllm: vLLM
     say(f"serving {gateway.model_name} on http://{host}:{port}/v1 (a session: http://{host}:{port}/sessions/ID/v1); "
         f"tools: {'the template' if models.chat.native_tools else 'system prompt'}, {models.chat.tool_syntax} syntax; "
         f"pool: {pool}")

@@ -234,11 +234,28 @@ def _pieces(text: str, tokenizer) -> list[str]:
     return out
 
 
+def listening_socket(host: str, port: int):
+    """A bound TCP socket with Nagle's algorithm off. Accepted connections inherit it: without it a
+    response written in two parts (headers, body) waits for the client's delayed ACK, 40 ms per
+    call on Linux loopback (measured here: 38-45 ms for an empty GET)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     """Serve `app` until interrupted (uvicorn)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    sock = listening_socket(host, port)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
@@ -246,13 +263,11 @@ class BackgroundServer:
     ``with BackgroundServer(app) as url: ...`` (``url`` = ``http://127.0.0.1:PORT``)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
         import threading
 
         import uvicorn
 
-        self._sock = socket.socket()
-        self._sock.bind((host, port))
+        self._sock = listening_socket(host, port)
         self.host, self.port = self._sock.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
