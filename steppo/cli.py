@@ -295,9 +295,11 @@ _INTERRUPTED: dict[str, int] = {}  # the last finished iteration of the running 
 
 
 def _catch_ctrl_c():
-    """SIGINT raises KeyboardInterrupt at once, as by default, and is also remembered: an interrupt
-    that some library catches and drops (seen about once in 30 runs here, no traceback left) still
-    ends the run at the next iteration boundary. Returns the function that restores the old handler."""
+    """SIGINT always ends a run cleanly: it raises KeyboardInterrupt at once, even in a process
+    started with SIGINT ignored (a shell script's background job, ``cmd &``: Python then installs
+    no handler of its own and the run trained on through ``kill -INT``), and it is remembered, so
+    an interrupt that some library catches and drops still ends the run at the next iteration
+    boundary. Returns the function that restores the old handler."""
     import signal
     import threading
 

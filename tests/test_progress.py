@@ -30,7 +30,10 @@ def test_ctrl_c_names_the_iteration_and_the_resume_command(tmp_path):
     log = tmp_path / "log.txt"
     args = [sys.executable, "-m", "steppo.cli", "train", *FAST, "trainer.iterations=500", f"run.output_dir={run}"]
     with log.open("w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.PIPE, text=True)
+        # started with SIGINT ignored, as a shell script starts a background job (`cmd &`): Python then
+        # installs no KeyboardInterrupt handler, and the run used to train on through the Ctrl-C
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.time() + 600
         while "iteration 1/500" not in log.read_text() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
@@ -62,9 +65,10 @@ def test_a_ctrl_c_some_library_swallows_still_stops_at_the_next_iteration(tmp_pa
         return metrics
 
     monkeypatch.setattr(Trainer, "train_iteration", iteration_that_eats_a_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
     run = tmp_path / "run"
     assert main(["train", *FAST, "trainer.iterations=6", f"run.output_dir={run}"]) == 130
     err = capsys.readouterr().err
     assert "interrupted at iteration 3 (iterations 1-2 finished" in err and "--resume" in err
     assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_000001", "iter_000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
