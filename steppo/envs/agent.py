@@ -27,9 +27,12 @@ from steppo.envs.base import SPLITS, EnvError, EnvSettings, Task, TextEnv, Trans
 
 def load_entrypoint(spec: str):
     """The function ``module:name`` names; EnvError with the reason otherwise."""
+    from steppo.envs.registry import with_working_directory
+
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise EnvError(f"agent entrypoint {spec!r} must be 'package.module:function'")
+    with_working_directory()  # a module next to where `steppo` runs, as for env=module:Class
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:

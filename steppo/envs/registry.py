@@ -71,7 +71,7 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def _with_working_directory() -> None:
+def with_working_directory() -> None:
     """Put the working directory on ``sys.path`` (last, so it never shadows an installed
     package) for import-path environments; ``python -m`` already has it first."""
     cwd = os.getcwd()
@@ -87,7 +87,7 @@ def load_env_class(target: str, name: str | None = None) -> type[TextEnv]:
     module, _, attr = target.partition(":")
     if not module or not attr or ":" in attr:
         raise EnvError(f"{what}: an import path is 'module:Class' (e.g. examples.guess:GuessEnv), got {target!r}")
-    _with_working_directory()
+    with_working_directory()
     running = sys.modules.get(module)
     if module != "__main__" and getattr(getattr(running, "__spec__", None), "_initializing", False):
         raise EnvError(f"{what}: module {module} is still being imported, and its own top-level code asks for "
