@@ -69,7 +69,6 @@ class AgentRunner:
             self.greedy_sessions.update(sessions)
         outcomes: dict[str, tuple[str, bool | None, str | None]] = {}
         lock = threading.Lock()
-        gen_before = self.gateway.batcher.calls
 
         def play(k: int) -> None:
             sid, task = sessions[k], tasks[k]
@@ -120,7 +119,7 @@ class AgentRunner:
         gen_tokens = sum(len(s.response_ids) for t in trajectories for s in t.steps)
         return RolloutResult(trajectories=trajectories, episodes=episodes, generated_tokens=gen_tokens,
                              generation_s=time.perf_counter() - t0, wall_s=time.perf_counter() - t0, env_calls=[],
-                             generation_calls=[(0.0, 0.0)] * (self.gateway.batcher.calls - gen_before),
+                             generation_calls=[],
                              extra={**self.gateway.metrics(), "gateway/agent_errors": float(self.errors)})
 
     def close(self) -> None:

@@ -135,8 +135,9 @@ class Gateway:
     """
 
     def __init__(self, chat, batcher: Batcher, store: SessionStore, model_name: str, temperature: float,
-                 limits: Limits | None = None):
-        self.chat, self.batcher, self.store = chat, batcher, store
+                 limits: Limits | None = None, pool=None):
+        """`pool`: the `DataPool` the store's sink appends to (kept for its counters and path)."""
+        self.chat, self.batcher, self.store, self.pool = chat, batcher, store, pool
         self.model_name, self.temperature = model_name, temperature
         self.limits = limits or Limits()
         self.counts: Counter = Counter()
@@ -293,13 +294,12 @@ def _with_tool_prompt(messages: list[dict], schemas: dict[str, dict], syntax: st
 
 
 def _text_before_call(text: str, syntax: str) -> str:
-    if syntax == "hermes":
-        return text.split("<tool_call>", 1)[0]
-    if syntax == "mistral":
-        return text.split("[TOOL_CALLS]", 1)[0]
-    at = text.find("<|python_tag|>")
-    brace = text.find("{")
-    return text[: at if at >= 0 else brace if brace >= 0 else len(text)]
+    """The free text before the call: up to the syntax's opening marker (a bare Llama JSON call:
+    up to its first brace)."""
+    at = text.find(MARKERS[syntax][0])
+    if at < 0 and syntax == "llama3_json":
+        at = text.find("{")
+    return text[: at] if at >= 0 else text
 
 
 def gateway_for(models, pool_dir, temperature: float = 1.0, limits: Limits | None = None,
@@ -316,6 +316,4 @@ def gateway_for(models, pool_dir, temperature: float = 1.0, limits: Limits | Non
                                models.tokenizer.pad_token_id, kv_cache=kv_cache)
     pool = DataPool(pool_dir)
     store = SessionStore(chat, pool.append, policy_version, session_timeout_s)
-    gateway = Gateway(chat, Batcher(backend), store, model_name, temperature, limits)
-    gateway.pool = pool
-    return gateway
+    return Gateway(chat, Batcher(backend), store, model_name, temperature, limits, pool)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steppo.core.records import Step, Trajectory
+from steppo.models.chat import call_arguments, message_text
 
 
 class SessionError(ValueError):
@@ -45,20 +46,10 @@ class SessionError(ValueError):
 def message_key(message: dict) -> str:
     """A message's identity for matching: role, text, and tool calls (name + arguments as JSON
     values, ids ignored); ``None`` and empty content are the same."""
-    content = message.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    calls = []
-    for c in message.get("tool_calls") or []:
-        fn = c.get("function") or {}
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                pass
-        calls.append([fn.get("name"), args])
-    return json.dumps([message.get("role"), content, calls], sort_keys=True, ensure_ascii=False)
+    calls = [[(c.get("function") or {}).get("name"), call_arguments(c.get("function") or {})]
+             for c in message.get("tool_calls") or []]
+    return json.dumps([message.get("role"), message_text(message.get("content")), calls], sort_keys=True,
+                      ensure_ascii=False)
 
 
 def _chain(seed: str, keys: list[str]) -> list[str]:

@@ -45,15 +45,29 @@ PROBE_TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
 
 
-def _template_call(call: dict) -> dict:
-    """An OpenAI tool call with its arguments as an object (templates apply ``tojson`` to them)."""
-    fn = dict(call.get("function") or {})
+def message_text(content) -> str:
+    """An OpenAI message's content as text (``None`` -> "", content parts -> their text joined)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def call_arguments(fn: dict):
+    """An OpenAI tool call's arguments as a JSON value (the SDK sends them as a JSON string; one
+    that does not parse stays the string)."""
     args = fn.get("arguments")
     if isinstance(args, str):
         try:
-            fn["arguments"] = json.loads(args)
+            return json.loads(args)
         except json.JSONDecodeError:
             pass
+    return args
+
+
+def _template_call(call: dict) -> dict:
+    """An OpenAI tool call with its arguments as an object (templates apply ``tojson`` to them)."""
+    fn = dict(call.get("function") or {})
+    fn["arguments"] = call_arguments(fn)
     return {"type": "function", "function": fn, **({"id": call["id"]} if "id" in call else {})}
 
 
@@ -227,11 +241,8 @@ class ChatFormat:
         ``tool`` turn for the result of a well-formed tool call when the template has them, else
         a user turn) and the next generation prompt, with its end-of-turn token first unless the
         response closed with it already."""
-        role = "tool" if tool_result and self.tool_role else "user"
-        tools = PROBE_TOOLS if role == "tool" else None
-        delta = self._probe([{"role": "user", "content": _U}], _A, observation=observation, role=role, tools=tools)
-        ids = self.encode(delta)
-        return ids[1:] if response_closed and ids[:1] == [self.end_of_turn_id] else ids
+        return self.continuation_ids([{"role": "tool" if tool_result else "user", "content": observation}],
+                                     response_closed)
 
     def conversation_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A whole conversation (OpenAI-style messages) rendered by the template, with the
@@ -267,9 +278,7 @@ class ChatFormat:
         has them, assistant tool-call arguments as objects."""
         out = []
         for m in messages:
-            role, content = m["role"], m.get("content") or ""
-            if isinstance(content, list):  # OpenAI content parts: the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            role, content = m["role"], message_text(m.get("content"))
             if role == "tool" and not self.tool_role:
                 role = "user"
             msg = {"role": role, "content": content}
