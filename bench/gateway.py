@@ -8,7 +8,10 @@ smollm2-135m`), responses of up to `--max-tokens` tokens, at most 4 steps per ep
 decoding on both paths, so both generate the same tokens for the same prompts (checked:
 ``same_tokens``) and the difference is the gateway's own cost. Direct:
 `RolloutEngine` with `num_envs` = concurrency and one generation call per ready batch. Gateway:
-`concurrency` threads, each an agent on the `openai` client against its own session URL.
+the trainer's ``env=agent`` runner (`steppo.gateway.runner.AgentRunner`) with `concurrency`
+agent threads, each an `openai`-client loop against its own session URL, the search-QA
+example's loop with the built-in environment's prompts (plain-text actions) so that the tokens
+match.
 
     python bench/gateway.py [--model tiny|smollm2-135m] [--episodes 32] [--concurrency 1 8 32]
 
@@ -22,19 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from steppo.config import EnvConfig, ModelConfig
 from steppo.envs.base import EnvSettings
 from steppo.envs.registry import env_factory
 from steppo.envs.searchqa import SearchQAEnv
-from steppo.gateway.server import BackgroundServer, create_app
-from steppo.gateway.service import Limits, gateway_for
 from steppo.models.build import build_models
 from steppo.models.builtin import build_tiny, env_corpus, smollm2_135m
 from steppo.rollout.engine import RolloutEngine, RolloutSettings
@@ -62,66 +61,52 @@ def direct(models, tasks, concurrency: int, max_tokens: int, seed: int) -> dict:
 
 
 def through_gateway(models, tasks, concurrency: int, max_tokens: int, seed: int, pool: Path) -> dict:
+    """The same episodes played by an `openai`-SDK agent through the trainer's own agent runner
+    (``env=agent``: loopback HTTP server, sessions, data pool, generation on this thread)."""
     import openai
 
-    gw = gateway_for(models, pool, limits=Limits(max_tokens=max_tokens, context_limit=4096))
-    queue = list(enumerate(tasks))
-    lock = threading.Lock()
-    steps, tokens, errors = [0], [0], []
+    from steppo.envs.base import Task
+    from steppo.gateway.runner import AgentRunner
 
-    def agent(url: str) -> None:
+    by_id = {t.id: t for t in tasks}
+    shared = openai.OpenAI(base_url="http://127.0.0.1", api_key="x", max_retries=0)  # one connection pool
+
+    def agent(task: dict, base_url: str) -> float:
         env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **PARAMS)
-        http = httpx.Client()
-        while True:
-            with lock:
-                if not queue:
-                    return
-                i, task = queue.pop()
-            session = f"ep-{i}"
-            client = openai.OpenAI(base_url=f"{url}/sessions/{session}/v1", api_key="x", max_retries=0)
-            question, _ = env.reset(task)
-            messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
-            reward = 0.0
-            for _ in range(MAX_STEPS):
-                r = client.chat.completions.create(model="policy", messages=messages, max_tokens=max_tokens,
-                                                   temperature=0)
-                text = r.choices[0].message.content or ""
-                result = env.step(text)
-                with lock:
-                    steps[0] += 1
-                    tokens[0] += r.usage.completion_tokens
-                reward += result.reward
-                if result.terminated or result.truncated:
-                    break
-                messages += [r.choices[0].message.model_dump(exclude_none=True),
-                             {"role": "user", "content": result.observation}]
-            http.post(f"{url}/sessions/{session}/reward", json={"reward": reward})
-            http.post(f"{url}/sessions/{session}/end", json={"status": "terminated"})
+        client = shared.with_options(base_url=base_url)
+        question, _ = env.reset(by_id[task["task_id"]])
+        messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
+        reward = 0.0
+        for _ in range(MAX_STEPS):
+            r = client.chat.completions.create(model="policy", messages=messages, max_tokens=max_tokens,
+                                               temperature=0)
+            result = env.step(r.choices[0].message.content or "")
+            reward += result.reward
+            if result.terminated or result.truncated:
+                break
+            messages += [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "user", "content": result.observation}]
+        return reward
 
-    with BackgroundServer(create_app(gw, max_concurrent=4 * concurrency)) as url:
-        threads = [threading.Thread(target=lambda: _guard(agent, url, errors)) for _ in range(concurrency)]
-        t0 = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
-    gw.batcher.close()
-    if errors:
-        raise errors[0]
-    m = gw.metrics()
-    return {"env_steps": steps[0], "wall_s": round(wall, 3), "ms_per_step": round(1000 * wall / steps[0], 2),
-            "requests_per_s": round(steps[0] / wall, 1), "generated_tokens": tokens[0],
+    chat = models.chat
+    backend = LocalBackend(models.policy.model, {chat.end_of_turn_id} | chat.stop_ids, 1.0,
+                           models.tokenizer.pad_token_id, kv_cache=True)
+    runner = AgentRunner(agent, models, backend, pool, concurrency, 1.0, max_tokens, 4096)
+    wrapped = [Task(id=t.id, split=t.split, seed=t.seed, payload={"task_id": t.id}) for t in tasks]
+    t0 = time.perf_counter()
+    result = runner.run(wrapped, [t.id for t in tasks], seed=seed, greedy=True)
+    wall = time.perf_counter() - t0
+    runner.close()
+    if result.extra.get("gateway/agent_errors"):
+        raise RuntimeError(f"agent errors: {[e.error for e in result.episodes if e.error][:3]}")
+    m = result.extra
+    steps = sum(len(t.steps) for t in result.trajectories)
+    return {"env_steps": steps, "wall_s": round(wall, 3), "ms_per_step": round(1000 * wall / steps, 2),
+            "requests_per_s": round(steps / wall, 1), "generated_tokens": result.generated_tokens,
             "prefix_extended_frac": m["gateway/prefix_extended_frac"],
             "retokenized_turns": m.get("gateway/retokenized_turns", 0.0),
-            "rows_per_generate": round(m["gateway/rows_per_generate"], 2), "pool_trajectories": gw.pool.appended}
-
-
-def _guard(fn, url, errors):
-    try:
-        fn(url)
-    except Exception as exc:  # noqa: BLE001 - re-raised by the caller
-        errors.append(exc)
+            "rows_per_generate": round(m["gateway/rows_per_generate"], 2),
+            "pool_trajectories": runner.gateway.pool.appended}
 
 
 def main() -> None:

@@ -7,14 +7,15 @@ through the gateway (``env=agent``): nothing in it knows about StepPO's training
 
 Its tools (`search`, `answer`) run here, in the agent's process, over the synthetic knowledge
 base of the built-in `searchqa` environment (same questions, same BM25 search, same reward:
-exact match), so its learning curve can be set beside the built-in environment's.
+exact match), so its learning curve can be set beside the built-in environment's. Each task
+line names its question and the knowledge base it comes from (``kb``: the `searchqa` params),
+so a task file written for one KB plays the same questions wherever it is read.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 
 import openai
 
@@ -25,19 +26,21 @@ from steppo.envs.searchqa import TOOLS, SearchQAEnv
 MAX_STEPS = 4
 KB = {"source": "synthetic", "num_tasks": {"train": 400, "dev": 50, "test": 50}}
 TOOL_LIST = openai_tools(TOOLS)
+CLIENT = openai.OpenAI(base_url="http://127.0.0.1", api_key="steppo", max_retries=0)  # one connection pool
 
 
 @functools.cache
-def _tasks() -> dict:
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **KB)
+def _tasks(kb: str) -> dict:
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **json.loads(kb))
     return {t.id: t for split in ("train", "dev", "test") for t in env.tasks(split)}
 
 
 def run(task: dict, base_url: str) -> dict:
     """One episode: ask, search, answer. Returns the reward (exact match) and success."""
-    client = openai.OpenAI(base_url=base_url, api_key="steppo", max_retries=0)
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS, native_tools=True), **KB)  # the search engine and grader
-    question, _ = env.reset(_tasks()[task["task_id"]])
+    client = CLIENT.with_options(base_url=base_url)
+    kb = task.get("kb", KB)
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS, native_tools=True), **kb)  # the search engine and grader
+    question, _ = env.reset(_tasks(json.dumps(kb, sort_keys=True))[task["task_id"]])
     messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
     for _ in range(MAX_STEPS):
         reply = client.chat.completions.create(model="policy", messages=messages, tools=TOOL_LIST)
@@ -57,14 +60,24 @@ def run(task: dict, base_url: str) -> dict:
     return {"reward": 0.0, "success": False, "status": "truncated"}
 
 
-def write_tasks(path: str, train: int = 400, dev: int = 50) -> None:
-    """The task file: one line per question ({"id", "split", "task_id"})."""
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **KB)
+def write_tasks(path: str, train: int = 400, dev: int = 50, kb: dict | None = None) -> None:
+    """The task file: one line per question ({"id", "split", "task_id", "kb"}), the first `train`
+    and `dev` questions of the KB's splits in the built-in environment's order."""
+    kb = kb or KB
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **kb)
     with open(path, "w") as f:
         for split, n in (("train", train), ("dev", dev)):
             for t in env.tasks(split)[:n]:
-                f.write(json.dumps({"id": t.id, "split": split, "task_id": t.id}) + "\n")
+                f.write(json.dumps({"id": t.id, "split": split, "task_id": t.id, "kb": kb}) + "\n")
 
 
 if __name__ == "__main__":
-    write_tasks(sys.argv[1] if len(sys.argv) > 1 else "tasks.jsonl")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the task file")
+    ap.add_argument("path", nargs="?", default="tasks.jsonl")
+    ap.add_argument("--kb", type=json.loads, default=None, help="searchqa params as JSON (default: KB)")
+    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--dev", type=int, default=50)
+    a = ap.parse_args()
+    write_tasks(a.path, a.train, a.dev, a.kb)

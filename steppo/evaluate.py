@@ -241,7 +241,7 @@ def serve_checkpoint(cfg: Config, checkpoint: Path | None, pool: Path, host: str
     """``steppo serve``: the agent gateway (`steppo.gateway`) over a checkpoint's policy (or
     ``model.name``), finished sessions appended to the data pool in `pool`, until interrupted."""
     from steppo.envs.registry import env_factory
-    from steppo.gateway.server import create_app, run_server
+    from steppo.gateway.server import BackgroundServer, create_app
     from steppo.gateway.service import Limits, gateway_for
     from steppo.models.build import build_models
     from steppo.models.builtin import env_corpus
@@ -256,15 +256,25 @@ def serve_checkpoint(cfg: Config, checkpoint: Path | None, pool: Path, host: str
     from steppo.trainer.generation import make_backend
 
     gateway = gateway_for(models, pool, temperature=cfg.rollout.temperature, limits=limits,
-                          model_name=str(checkpoint or cfg.model.name),
+                          model_name=str(checkpoint or cfg.model.name), threaded=False,
                           backend=make_backend(cfg, models, models.policy.model))  # rollout.backend=vllm: vLLM
     say(f"serving {gateway.model_name} on http://{host}:{port}/v1 (a session: http://{host}:{port}/sessions/ID/v1); "
         f"tools: {'the template' if models.chat.native_tools else 'system prompt'}, {models.chat.tool_syntax} syntax; "
         f"pool: {pool}")
-    try:
-        run_server(create_app(gateway, api_key=api_key), host=host, port=port)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM ends the server as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:  # HTTP on a thread; generation on this one (see `steppo.gateway.service.Batcher`)
+        with BackgroundServer(create_app(gateway, api_key=api_key), host=host, port=port):
+            gateway.batcher.serve()
+    except KeyboardInterrupt:
+        say("stopped")
     finally:
         gateway.batcher.close()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def export_checkpoint(cfg: Config, checkpoint: Path, out: Path) -> Path:

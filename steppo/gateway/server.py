@@ -80,14 +80,34 @@ def _error(status: int, message: str, code: str | None = None, param: str | None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+class _Guard:
+    """API key and body-size checks before routing, as plain ASGI (Starlette's ``@middleware``
+    wraps every response in a stream: a cost on every call)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if self.api_key is not None and not secrets.compare_digest(auth, f"Bearer {self.api_key}"):
+                return await _error(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                    "invalid_api_key")(scope, receive, send)
+            size = headers.get(b"content-length", b"").decode("latin-1")
+            if size.isdigit() and int(size) > self.max_body_bytes:
+                return await _error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(gateway: Gateway, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
                max_concurrent: int = 256, expire_every_s: float = 5.0):
     """The ASGI app. `max_concurrent`: chat completions in flight at once (more get 429)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     inflight = {"n": 0}
@@ -107,16 +127,7 @@ def create_app(gateway: Gateway, api_key: str | None = None, max_body_bytes: int
             task.cancel()
 
     app = FastAPI(title="StepPO gateway", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and not secrets.compare_digest(request.headers.get("authorization", ""),
-                                                              f"Bearer {api_key}"):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return _error(413, f"request body over {max_body_bytes} bytes")
-        return await call_next(request)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -166,7 +177,7 @@ def create_app(gateway: Gateway, api_key: str | None = None, max_body_bytes: int
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(_events(result, include_usage, gateway.chat.tokenizer),
                                      media_type="text/event-stream")
-        return result
+        return JSONResponse(result)  # already JSON-shaped: no encoder pass
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -245,17 +256,6 @@ def listening_socket(host: str, port: int):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
-
-
-def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serve `app` until interrupted (uvicorn)."""
-    import uvicorn
-
-    sock = listening_socket(host, port)
-    try:
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
-    finally:
-        sock.close()
 
 
 class BackgroundServer:

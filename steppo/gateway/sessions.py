@@ -268,14 +268,17 @@ class SessionStore:
         return Trajectory(steps=kept, id=f"session/{s.id}", group_id=s.id, task_id=s.id, success=success,
                           end_reason=reason, info={"calls": s.calls, "wall_s": time.monotonic() - s.created})
 
+    def live(self) -> int:
+        """Sessions open now (begun, not ended or expired)."""
+        with self._lock:
+            return len(self._sessions)
+
     def metrics(self) -> dict[str, float]:
         """``gateway/...`` counters; ``prefix_extended_frac``: calls after the first of a chain
         that extended a known history exactly."""
         c = self.counts
         later = c["prefix_extended"] + c["retokenized_calls"]
-        with self._lock:
-            live = len(self._sessions)
         out = {f"gateway/{k}": float(v) for k, v in c.items()}
-        out["gateway/live_sessions"] = float(live)
+        out["gateway/live_sessions"] = float(self.live())
         out["gateway/prefix_extended_frac"] = c["prefix_extended"] / later if later else 1.0
         return out

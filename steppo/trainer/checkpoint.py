@@ -7,8 +7,8 @@ Layout of ``<run>/checkpoints/iter_000040/``::
     critic.safetensors    the critic's trainable weights (when there is a critic): decoder + value
                           head, or with LoRA only its adapters + head (its frozen decoder is the
                           base model's, rebuilt from it on resume)
-    trainer_state.pt      iteration, policy version, optimiser and RNG states (tensors, numbers,
-                          lists and dicts only: read with ``torch.load(weights_only=True)``, so a
+    trainer_state.pt      iteration, policy version, optimiser and RNG states, how far an
+                          ``env=agent`` run had read its data pool (tensors, numbers, lists and dicts only: read with ``torch.load(weights_only=True)``, so a
                           crafted file cannot run code)
     manifest.json         written last: iteration, run id, and size + SHA-256 of every file
 
@@ -300,7 +300,8 @@ def save_trainer(trainer: Trainer) -> Path | None:
 
     state = {"iteration": trainer.iteration, "policy_version": trainer.policy_version, "env_steps": trainer.env_steps,
              "sft_done": trainer.sft_done, "policy_opt": opt_state(trainer.policy_opt, models.policy),
-             "critic_opt": opt_state(trainer.critic_opt, models.critic)}
+             "critic_opt": opt_state(trainer.critic_opt, models.critic),
+             "pool_offset": getattr(trainer.generation.engine, "offset", None)}  # env=agent: the pool read so far
     policy_model, critic = models.policy.model, models.critic
     if dist.strategy == "fsdp":
         policy_model = trainer.generation.rollout_copy.model  # refreshed after every update
@@ -323,6 +324,8 @@ def restore_trainer(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.iteration, trainer.env_steps = state["iteration"], state["env_steps"]
     trainer.generation.version = state["policy_version"]
     trainer.sft_done = state.get("sft_done", True)
+    if state.get("pool_offset") is not None and hasattr(trainer.generation.engine, "resume"):
+        trainer.generation.engine.resume(state["pool_offset"], state["policy_version"])
     for opt, module, key in ((trainer.policy_opt, trainer.models.policy, "policy_opt"),
                              (trainer.critic_opt, trainer.models.critic, "critic_opt")):
         if opt is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import httpx
 import pytest
@@ -290,3 +291,57 @@ def test_a_larger_max_tokens_than_the_runs_budget_is_clamped_and_counted(served)
     url, gw = served
     r = client(url).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4096)
     assert r.usage.completion_tokens <= 16 and gw.metrics()["gateway/max_tokens_clamped"] == 1
+
+
+def _staggered_agents(url, n, gap_s, prefix):
+    errors = []
+
+    def agent(i):
+        try:
+            time.sleep(i * gap_s)
+            client(url, f"{prefix}-{i}").chat.completions.create(
+                model="m", messages=[{"role": "user", "content": f"room {i}"}], max_tokens=4, temperature=0)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, errors
+
+
+def test_a_batch_waits_for_the_calls_it_expects_and_no_longer_than_its_window(models, tmp_path):
+    """Four agents arriving 0.1 s apart are one generate call when four are expected; when only
+    two of four expected arrive, the batch goes after the window, not never."""
+    gw = gateway_for(models, tmp_path / "pool", limits=Limits(max_tokens=4, context_limit=1024),
+                     batch_wait_s=1.5, expected=lambda: 4)
+    with BackgroundServer(create_app(gw)) as url:
+        threads, errors = _staggered_agents(url, 4, 0.1, "a")
+        for t in threads:
+            t.join()
+        assert not errors and (gw.batcher.calls, gw.batcher.rows) == (1, 4)
+        t0 = time.perf_counter()
+        threads, errors = _staggered_agents(url, 2, 0.0, "b")
+        for t in threads:
+            t.join()
+        waited = time.perf_counter() - t0
+    gw.batcher.close()
+    assert not errors and (gw.batcher.calls, gw.batcher.rows) == (2, 6)
+    assert 1.4 < waited < 10
+
+
+def test_generation_on_the_callers_thread_and_a_close_fails_what_is_queued(models, tmp_path):
+    gw = gateway_for(models, tmp_path / "pool", limits=Limits(max_tokens=4, context_limit=1024), threaded=False)
+    with BackgroundServer(create_app(gw)) as url:
+        threads, errors = _staggered_agents(url, 3, 0.05, "c")
+        gw.batcher.serve(until=lambda: not any(t.is_alive() for t in threads))  # returns once they are served
+        assert not errors and gw.batcher.rows == 3
+        assert threading.current_thread() is threading.main_thread()
+        ids = gw.chat.conversation_ids([{"role": "user", "content": "hi"}])
+        pending = gw.batcher.generate([ids], [4], [torch.Generator().manual_seed(0)], True, ["k"])
+        gw.batcher.close()  # nobody serves it any more: the caller hears so instead of waiting forever
+        with pytest.raises(RuntimeError, match="shutting down"):
+            pending.result(timeout=5)
+        late = gw.batcher.generate([ids], [4], [torch.Generator().manual_seed(0)], True, ["k"])
+        with pytest.raises(RuntimeError, match="shutting down"):
+            late.result(timeout=5)
