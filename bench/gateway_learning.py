@@ -73,15 +73,22 @@ def train(name: str, cfg_path: Path, out: Path, threads: int) -> None:
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("iter_*"))
     args = ["train", "--config", str(cfg_path)] + (["--resume"] if resume else ["--overwrite"])
     wall = steppo(args, out / f"{name}.log", threads)
-    done.write_text(json.dumps({"wall_s_last_attempt": round(wall, 1)}))
+    done.write_text(json.dumps({"wall_s_last_attempt": round(wall, 1), "commit": _commit()}))
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def curve(run: Path) -> dict:
+    """The run's eval curve and counters; the commit it ran at (its done marker)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    done = run.parent / f"{run.name}.done.json"
     evals = [(r["env_steps"], r["eval/success"]) for r in rows if "eval/success" in r]
     trained = [r for r in rows if "policy/loss" in r]
     out = {"eval_success": evals, "updates": len(trained), "env_steps": trained[-1]["env_steps"] if trained else 0,
-           "train_wall_s": round(sum(r["time/iteration_s"] for r in trained), 1)}
+           "train_wall_s": round(sum(r["time/iteration_s"] for r in trained), 1),
+           "commit": json.loads(done.read_text()).get("commit") if done.exists() else None}
     if trained and "gateway/retokenized_turns" in trained[-1]:
         last = trained[-1]
         out.update({k.split("/")[1]: last[k] for k in ("gateway/retokenized_turns", "gateway/prefix_extended_frac",
@@ -114,6 +121,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/gateway_learning")
     ap.add_argument("--jobs", type=int, default=2, help="the two RL runs in parallel (threads split)")
     ap.add_argument("--results", default=str(ROOT / "results" / "gateway"))
+    ap.add_argument("--runs", nargs="*", default=["builtin", "agent"], help="train only these (then report)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +138,8 @@ def main() -> None:
         steppo(["sft", "--config", str(paths["sft"]), "--overwrite"], out / "sft.log", cores)
     threads = max(1, cores // args.jobs)
     with ThreadPoolExecutor(args.jobs) as ex:
-        list(ex.map(lambda n: train(n, paths[n], out, threads), ["builtin", "agent"]))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "gateway_learning", "commit": commit, "jobs": args.jobs, "threads_per_run": threads,
+        list(ex.map(lambda n: train(n, paths[n], out, threads), args.runs))
+    result = {"benchmark": "gateway_learning", "jobs": args.jobs, "threads_per_run": threads,
               "builtin": curve(out / "builtin"), "agent": curve(out / "agent")}
     print(json.dumps(result, indent=2))
     res = Path(args.results)

@@ -39,8 +39,11 @@ def run(task: dict, base_url: str) -> dict:
     """One episode: ask, search, answer. Returns the reward (exact match) and success."""
     client = CLIENT.with_options(base_url=base_url)
     kb = task.get("kb", KB)
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS, native_tools=True), **kb)  # the search engine and grader
+    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **kb)  # the search engine and grader
     question, _ = env.reset(_tasks(json.dumps(kb, sort_keys=True))[task["task_id"]])
+    # The built-in environment's own instructions, tool list included (as it shows them to a model
+    # whose chat template has no tool list, e.g. SmolLM2's): the gateway sees the schemas listed and
+    # adds no second description, so the model reads exactly the built-in environment's prompt.
     messages = [{"role": "system", "content": env.instructions()}, {"role": "user", "content": question}]
     for _ in range(MAX_STEPS):
         reply = client.chat.completions.create(model="policy", messages=messages, tools=TOOL_LIST)

@@ -25,6 +25,7 @@ import torch
 
 from steppo.envs.actions import CALL_EXAMPLES, MARKERS, ToolCall, parse_tool_call
 from steppo.gateway.sessions import SessionError, SessionStore
+from steppo.models.chat import message_text
 from steppo.models.generation import Sample
 
 
@@ -251,7 +252,10 @@ class Gateway:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         messages = [dict(m) for m in messages]
         if tools and not self.chat.native_tools:  # the template has no tool list: describe them in the system turn
-            messages = _with_tool_prompt(messages, schemas, self.chat.tool_syntax)
+            if _lists_tools(messages, schemas):  # ... unless the agent's system prompt lists them already
+                self.counts["tools_listed_by_agent"] += 1
+            else:
+                messages = _with_tool_prompt(messages, schemas, self.chat.tool_syntax)
         native = tools if tools and self.chat.native_tools else None
         try:
             if session_id is None:
@@ -365,6 +369,12 @@ def _with_tool_prompt(messages: list[dict], schemas: dict[str, dict], syntax: st
     if messages[0].get("role") == "system":
         return [{**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{text}".strip()}] + messages[1:]
     return [{"role": "system", "content": text}] + messages
+
+
+def _lists_tools(messages: list[dict], schemas: dict[str, dict]) -> bool:
+    """Whether the system message holds these schemas as JSON already (an agent that describes
+    its tools itself, e.g. with the built-in environment's own prompt)."""
+    return messages[0].get("role") == "system" and json.dumps(schemas) in message_text(messages[0].get("content"))
 
 
 def _text_before_call(text: str, syntax: str) -> str:

@@ -345,3 +345,28 @@ def test_generation_on_the_callers_thread_and_a_close_fails_what_is_queued(model
         late = gw.batcher.generate([ids], [4], [torch.Generator().manual_seed(0)], True, ["k"])
         with pytest.raises(RuntimeError, match="shutting down"):
             late.result(timeout=5)
+
+
+def test_the_search_qa_example_sends_the_built_in_environments_prompt_token_for_token(models, tmp_path, monkeypatch):
+    """examples/searchqa_agent.py lists its tools in the built-in environment's own words and
+    passes them as ``tools=``: the gateway adds no second description, so its first prompt is the
+    built-in engine's first prompt, id for id, and later calls extend it exactly."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    from examples import searchqa_agent as example
+
+    env = example.SearchQAEnv(example.EnvSettings(max_steps=example.MAX_STEPS), **example.KB)
+    task = env.tasks("dev")[0]
+    gw = gateway_for(models, tmp_path / "pool", limits=Limits(max_tokens=16, context_limit=2048))
+    with BackgroundServer(create_app(gw)) as url:
+        example.run({"task_id": task.id}, f"{url}/sessions/ex/v1")
+        gw.store.end("ex")
+    gw.batcher.close()
+    [traj] = read_pool(gw.pool.root).trajectories
+    question, _ = env.reset(task)
+    assert traj.steps[0].prompt_ids == models.chat.initial_prompt(env.instructions(), question, env.chat_tools())
+    assert gw.counts["tools_listed_by_agent"] == len(traj.steps) >= 1
+    for before, after in zip(traj.steps, traj.steps[1:]):
+        assert after.prompt_ids[: len(before.prompt_ids) + len(before.response_ids)] == \
+            before.prompt_ids + before.response_ids
