@@ -72,8 +72,9 @@ def train(name: str, cfg_path: Path, out: Path, threads: int) -> None:
         return
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("iter_*"))
     args = ["train", "--config", str(cfg_path)] + (["--resume"] if resume else ["--overwrite"])
+    commit = _commit()  # the code this attempt runs
     wall = steppo(args, out / f"{name}.log", threads)
-    done.write_text(json.dumps({"wall_s_last_attempt": round(wall, 1), "commit": _commit()}))
+    done.write_text(json.dumps({"wall_s_last_attempt": round(wall, 1), "commit": commit}))
 
 
 def _commit() -> str:

@@ -61,8 +61,9 @@ def test_serve_records_sessions_and_a_restart_keeps_the_pool(tmp_path):
     try:
         _episode(port, "second")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)  # a service manager's stop: the same clean exit
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "stopped" in err and "Traceback" not in err
     trajs = read_pool(pool).trajectories
     assert [t.group_id for t in trajs] == ["first", "second"]
     assert all(len(t.steps) == 2 and t.steps[-1].reward == 1.0 and t.steps[-1].terminated for t in trajs)
