@@ -35,12 +35,18 @@ def _tasks(kb: str) -> dict:
     return {t.id: t for split in ("train", "dev", "test") for t in env.tasks(split)}
 
 
+def task_env(task: dict, max_steps: int = MAX_STEPS) -> tuple[SearchQAEnv, str]:
+    """The search engine and grader of a task line (its KB), reset to its question."""
+    kb = task.get("kb", KB)
+    env = SearchQAEnv(EnvSettings(max_steps=max_steps), **kb)
+    question, _ = env.reset(_tasks(json.dumps(kb, sort_keys=True))[task["task_id"]])
+    return env, question
+
+
 def run(task: dict, base_url: str) -> dict:
     """One episode: ask, search, answer. Returns the reward (exact match) and success."""
     client = CLIENT.with_options(base_url=base_url)
-    kb = task.get("kb", KB)
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **kb)  # the search engine and grader
-    question, _ = env.reset(_tasks(json.dumps(kb, sort_keys=True))[task["task_id"]])
+    env, question = task_env(task)
     # The built-in environment's own instructions, tool list included (as it shows them to a model
     # whose chat template has no tool list, e.g. SmolLM2's): the gateway sees the schemas listed and
     # adds no second description, so the model reads exactly the built-in environment's prompt.

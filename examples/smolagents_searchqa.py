@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from smolagents import OpenAIServerModel, Tool, ToolCallingAgent
 
-from examples.searchqa_agent import KB, MAX_STEPS, _tasks
+from examples.searchqa_agent import MAX_STEPS, task_env
 from steppo.envs.actions import ToolCall, render_tool_call
-from steppo.envs.base import EnvSettings
 from steppo.envs.qa_data import exact_match
 from steppo.envs.searchqa import SearchQAEnv
 
@@ -36,8 +35,7 @@ class Search(Tool):
 
 
 def run(task: dict, base_url: str) -> dict:
-    env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS + 1), **KB)
-    question, _ = env.reset(_tasks()[task["task_id"]])
+    env, question = task_env(task, MAX_STEPS + 1)
     model = OpenAIServerModel(model_id="policy", api_base=base_url, api_key="steppo", max_tokens=48)
     agent = ToolCallingAgent(tools=[Search(env)], model=model, max_steps=MAX_STEPS, verbosity_level=0)
     answer = str(agent.run(question))
