@@ -228,7 +228,9 @@ class Trainer:
                         "throughput/tokens_per_s": (result.generated_tokens + tokens) / max(iteration_s, 1e-9),
                         "throughput/rollout_tokens_per_s": result.generated_tokens / max(rollout_s, 1e-9),
                         "throughput/update_tokens_per_s": trained / max(t2 - t1, 1e-9),
-                        "policy_version": self.policy_version})
+                        "policy_version": self.policy_version,
+                        "rollout/context_tokens": tokens,  # final context of every trained episode
+                        "update/tokens": trained})  # tokens the update forwarded
         if wait_s is not None:
             metrics["time/rollout_wait_s"] = wait_s
         self.iteration = it
