@@ -43,11 +43,17 @@ PARAMS = {"source": "synthetic", "num_tasks": {"train": 200, "dev": 10, "test": 
 MAX_STEPS = 4
 
 
+def _backend(models) -> LocalBackend:
+    """The local backend both paths generate with (KV cache on)."""
+    chat = models.chat
+    return LocalBackend(models.policy.model, {chat.end_of_turn_id} | chat.stop_ids, 1.0,
+                        models.tokenizer.pad_token_id, kv_cache=True)
+
+
 def direct(models, tasks, concurrency: int, max_tokens: int, seed: int) -> dict:
     env = SearchQAEnv(EnvSettings(max_steps=MAX_STEPS), **PARAMS)
     chat = models.chat
-    backend = LocalBackend(models.policy.model, {chat.end_of_turn_id} | chat.stop_ids, 1.0,
-                           models.tokenizer.pad_token_id, kv_cache=True)
+    backend = _backend(models)
     engine = RolloutEngine(env_factory(EnvConfig(name="searchqa", max_steps=MAX_STEPS, params=PARAMS)), chat, backend,
                            RolloutSettings(num_envs=concurrency, max_batch=concurrency, max_new_tokens=max_tokens),
                            env.instructions(), env.settings)
@@ -88,9 +94,7 @@ def through_gateway(models, tasks, concurrency: int, max_tokens: int, seed: int,
                          {"role": "user", "content": result.observation}]
         return reward
 
-    chat = models.chat
-    backend = LocalBackend(models.policy.model, {chat.end_of_turn_id} | chat.stop_ids, 1.0,
-                           models.tokenizer.pad_token_id, kv_cache=True)
+    backend = _backend(models)
     runner = AgentRunner(agent, models, backend, pool, concurrency, 1.0, max_tokens, 4096)
     wrapped = [Task(id=t.id, split=t.split, seed=t.seed, payload={"task_id": t.id}) for t in tasks]
     t0 = time.perf_counter()

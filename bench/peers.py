@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -190,8 +191,6 @@ def trl_main(spec_path: str) -> None:
             if not self.done:  # its last turn called no tool (malformed or plain text): a step, as StepPO counts it
                 steps["env"] += 1
             return self.reward
-
-    import random
 
     rows = []  # StepPO's tasks per iteration, in order: 4 questions per update, each asked 4 times by TRL
     for it in range(1, 200):

@@ -120,13 +120,11 @@ class Batcher:
         deadline = time.monotonic() + self.wait_s
         while rows < self.max_batch:
             left = deadline - time.monotonic()
-            try:
-                if calls == 0 or calls >= self.expected() or left <= 0:
-                    nxt = self._queue.get_nowait()  # whatever is queued already joins
-                else:
-                    nxt = self._queue.get(timeout=left)
+            ready = calls == 0 or calls >= self.expected() or left <= 0
+            try:  # ready: whatever is queued already joins; else wait for the next call
+                nxt = self._queue.get_nowait() if ready else self._queue.get(timeout=left)
             except queue.Empty:
-                if calls == 0 or calls >= self.expected() or left <= 0:
+                if ready:
                     break
                 continue
             if nxt is None:
@@ -142,27 +140,25 @@ class Batcher:
             self.backend.release(key)
             self._keys.discard(key)
 
-    def _drain_releases(self) -> None:
-        """Apply queued releases (the caller's serving ends; calls queued stay for the next)."""
-        kept = []
+    def _take_queued(self) -> list:
+        """Everything queued now, removed from the queue."""
+        items = []
         while True:
             try:
-                item = self._queue.get_nowait()
+                items.append(self._queue.get_nowait())
             except queue.Empty:
-                break
+                return items
+
+    def _drain_releases(self) -> None:
+        """Apply queued releases (the caller's serving ends; calls queued stay for the next)."""
+        for item in self._take_queued():
             if item is not None and item[0] == "release":
                 self._release(item[1])
             else:
-                kept.append(item)
-        for item in kept:
-            self._queue.put(item)
+                self._queue.put(item)
 
     def _fail_queued(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        for item in self._take_queued():
             if item is not None and item[0] == "generate" and item[2].set_running_or_notify_cancel():
                 item[2].set_exception(RuntimeError("the gateway is shutting down"))
 
