@@ -6,7 +6,7 @@
     steppo train run.output_dir=runs/default --overwrite                # delete that run, start again
     steppo eval --checkpoint runs/default/checkpoints/iter_000060 env=compass
     steppo sft run.output_dir=runs/sft            # warm start only, saved as a checkpoint
-    steppo compare configs/compare/tiny-textworld.yaml --jobs 2   # presets x seeds, one protocol
+    steppo compare configs/compare/compass.yaml --jobs 2          # presets x seeds, one protocol
     steppo config                                 # every key, its default and what it does (--yaml)
     steppo view runs/default                      # one HTML page: every sampled step, values, advantages
     torchrun --nproc_per_node 8 -m steppo.cli train --config ...  # DDP / FSDP (trainer.parallel)

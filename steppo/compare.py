@@ -2,12 +2,13 @@
 
 A protocol is a YAML file (see ``configs/compare/``)::
 
-    name: tiny-textworld
+    name: my-protocol
     presets: [steppo, ppo, grpo]          # algorithm presets (or ablations)
     seeds: [0, 1, 2]
     base: {...}                           # a run config every run shares (env, model, trainer, ...)
     preset_overrides: {gspo: {algo: {clip_high: 4.0e-4}}}   # optional, per preset
     zero_shot: true                       # also evaluate the starting policy (a zero-shot row)
+    contrast: {protocol: compass, a: steppo, b: ppo}   # optional: does a - b here differ from compass's?
 
 Equal budgets: every run plays ``trainer.trajectories_per_iteration`` episodes per update (group
 presets play that many / ``group_size`` tasks, ``group_size`` times each, as in the paper) and
@@ -15,11 +16,12 @@ stops at the same ``trainer.max_env_steps``. When the base config warm-starts wi
 warm start runs once per seed and every preset of that seed starts from the same weights.
 Held-out success is measured every ``trainer.eval_interval`` iterations.
 
-    steppo compare configs/compare/tiny-textworld.yaml --jobs 2
+    steppo compare configs/compare/compass.yaml --jobs 2
 
 Writes ``results/<name>/``: ``results.json`` (per preset and seed: held-out success curve vs
 environment steps, final success, critic loss curve, mean advantage by step index),
-``table.md`` (mean +- std over seeds, best in bold) and PNG plots.
+``table.md`` (mean +- std over seeds, best in bold; the paired statistics of ``steppo.report``;
+the commits the runs ran at and their wall time) and PNG plots.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     unknown = [p for p in proto["presets"] if p not in PRESETS]
     if unknown:
         raise ConfigError(f"{path}: unknown presets {unknown}; choose from {sorted(PRESETS)}")
+    c = proto.get("contrast")
+    if c is not None and not (isinstance(c, dict) and isinstance(c.get("protocol"), str)
+                              and all(c.get(k, "steppo") in PRESETS for k in ("a", "b"))):
+        raise ConfigError(f"{path}: contrast must be {{protocol: <another protocol's name>, a: <preset>, "
+                          f"b: <preset>}}, not {c!r}")
     proto.setdefault("seeds", [0])
     proto.setdefault("base", {})
     proto.setdefault("preset_overrides", {})

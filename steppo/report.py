@@ -59,6 +59,23 @@ def _final_outcomes(run_dir: Path, iteration: int | None) -> dict[str, str]:
     return found
 
 
+def run_commits(run_dir: Path) -> list[str]:
+    """The commits the attempts of a run ran at (``run.json``, written by `steppo train`), in
+    order without repeats, "+dirty" when the checkout had uncommitted changes, "unknown" outside
+    a git checkout; [] when the run recorded none (runs from before StepPO recorded them)."""
+    try:
+        attempts = json.loads((run_dir / "run.json").read_text()).get("attempts", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    seen: list[str] = []
+    for a in attempts if isinstance(attempts, list) else []:
+        c = a.get("commit") if isinstance(a, dict) else None
+        label = "unknown" if not c else c + ("+dirty" if a.get("dirty") else "")
+        if label not in seen:
+            seen.append(label)
+    return seen
+
+
 def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     for preset in proto["presets"]:
@@ -85,9 +102,10 @@ def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str
                 "final_critic_loss": _mean([c["loss"] for c in critic[-5:]]),
                 "advantage_by_step": [_mean([r[k] for r in records if r.get(k) is not None]) for k in adv_keys],
                 "wall_s": walls.get((preset, seed)),
+                "commits": run_commits(run_dir),
             }
     return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
-            "base": proto["base"], "runs": runs, "zero_shot": zero}
+            "base": proto["base"], "runs": runs, "zero_shot": zero, "contrast": proto.get("contrast")}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -106,41 +124,65 @@ def _mean_std(xs: list[float | None]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_difference(results: dict[str, Any], a: str, b: str, mode: str = "greedy",
-                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
-    """success(a) - success(b) at the final evaluation, mean over the seeds both finished, with
-    a 95% percentile bootstrap interval. Two levels (seeds, then tasks within each seed, the
-    same tasks for a and b) when every seed has per-task outcomes of the same tasks; seeds
-    only otherwise (``level`` says which). None without a common finished seed."""
+def _paired_draws(results: dict[str, Any], a: str, b: str, mode: str, resamples: int,
+                  rng: np.random.Generator) -> tuple[float, np.ndarray, str, int] | None:
+    """The paired difference a - b at the final evaluation and `resamples` bootstrap draws of
+    it: (point, draws (resamples,), level, seeds); None without a common finished seed."""
     key = "final_success" if mode == "greedy" else "final_success_sampled"
     ra, rb = results["runs"].get(a, {}), results["runs"].get(b, {})
     seeds = [s for s in ra if s in rb and ra[s].get(key) is not None and rb[s].get(key) is not None
              and not math.isnan(ra[s][key]) and not math.isnan(rb[s][key])]
     if not seeds:
         return None
-    rng = np.random.default_rng(seed)
     outs = [(ra[s].get("final_outcomes", {}).get(mode), rb[s].get("final_outcomes", {}).get(mode)) for s in seeds]
     tasks_level = all(x and y and len(x) == len(y) for x, y in outs) and len({len(x) for x, _ in outs}) == 1
     if tasks_level:
         # per seed and task: +1, 0, -1; a task the environment failed in either run counts 0
         d = np.array([[(ca == "1") - (cb == "1") if "x" not in (ca, cb) else 0 for ca, cb in zip(x, y)]
                       for x, y in outs], dtype=np.float64)  # (S, T)
-        point = float(d.mean())
         n_seeds, n_tasks = d.shape
-        stats = np.empty(resamples)
+        draws = np.empty(resamples)
         for lo in range(0, resamples, 500):  # chunks keep memory at 500 x S x T
             hi = min(lo + 500, resamples)
             si = rng.integers(0, n_seeds, size=(hi - lo, n_seeds))
             ti = rng.integers(0, n_tasks, size=(hi - lo, n_seeds, n_tasks))
-            stats[lo:hi] = d[si[..., None], ti].mean(axis=(1, 2))
+            draws[lo:hi] = d[si[..., None], ti].mean(axis=(1, 2))
     else:
         d = np.array([ra[s][key] - rb[s][key] for s in seeds], dtype=np.float64)
-        point = float(d.mean())
-        stats = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-    low, high = np.percentile(stats, [2.5, 97.5])
-    return {"a": a, "b": b, "mode": mode, "seeds": len(seeds), "level": "seeds x tasks" if tasks_level else "seeds",
-            "difference": point, "ci95": [float(low), float(high)], "half_width": float((high - low) / 2),
+        draws = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    return float(d.mean()), draws, "seeds x tasks" if tasks_level else "seeds", len(seeds)
+
+
+def _interval(point: float, draws: np.ndarray) -> dict[str, Any]:
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"difference": point, "ci95": [float(low), float(high)], "half_width": float((high - low) / 2),
             "excludes_zero": bool(low > 0 or high < 0)}
+
+
+def paired_difference(results: dict[str, Any], a: str, b: str, mode: str = "greedy",
+                      resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
+    """success(a) - success(b) at the final evaluation, mean over the seeds both finished, with
+    a 95% percentile bootstrap interval. Two levels (seeds, then tasks within each seed, the
+    same tasks for a and b) when every seed has per-task outcomes of the same tasks; seeds
+    only otherwise (``level`` says which). None without a common finished seed."""
+    found = _paired_draws(results, a, b, mode, resamples, np.random.default_rng(seed))
+    if found is None:
+        return None
+    point, draws, level, seeds = found
+    return {"a": a, "b": b, "mode": mode, "seeds": seeds, "level": level, **_interval(point, draws)}
+
+
+def contrast(results: dict[str, Any], other: dict[str, Any], a: str = "steppo", b: str = "ppo",
+             mode: str = "greedy", resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any] | None:
+    """Does a - b differ between two protocols? (a - b in `results`) - (a - b in `other`), with a
+    95% interval from independent bootstraps of the two paired differences (the protocols' runs
+    are independent). None when either protocol lacks a common finished seed of a and b."""
+    rng = np.random.default_rng(seed)
+    here, there = _paired_draws(results, a, b, mode, resamples, rng), _paired_draws(other, a, b, mode, resamples, rng)
+    if here is None or there is None:
+        return None
+    return {"a": a, "b": b, "mode": mode, "protocol": results["protocol"], "other": other["protocol"],
+            "here": here[0], "there": there[0], **_interval(here[0] - there[0], here[1] - there[1])}
 
 
 def steps_to_threshold(run: dict[str, Any], gain: float = THRESHOLD_GAIN) -> float | None:
@@ -342,11 +384,59 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def provenance(results: dict[str, Any]) -> str:
+    """Which code the runs ran at, and the protocol's wall time (Markdown)."""
+    runs = [r for per in results["runs"].values() for r in per.values()]
+    by_commit: dict[str, int] = {}
+    for r in runs:
+        for c in r.get("commits") or ["not recorded"]:
+            by_commit[c] = by_commit.get(c, 0) + 1
+    walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
+    code = ", ".join(f"{c[:12] if c != 'not recorded' else c} ({n} runs)" for c, n in by_commit.items())
+    wall = f"{sum(walls) / 3600:.1f} h summed over {len(walls)} runs" if walls else "not recorded"
+    return f"\nRuns: {len(runs)}; code: {code}; wall time: {wall}.\n"
+
+
+def contrast_table(stats: dict[str, Any]) -> str:
+    c = stats.get("contrast")
+    if not c:
+        return ""
+    if c.get("missing"):
+        return f"\nContrast with {c['other']}: {c['missing']}.\n"
+    g = c.get("greedy") or c.get("sampled")
+    if g is None:
+        return f"\nContrast with {c['other']}: no seed finished in both protocols.\n"
+    lines = [f"\n**({g['a']} − {g['b']}) here minus ({g['a']} − {g['b']}) on {g['other']}** (independent "
+             "bootstraps of the two paired differences, 95% interval; bold: it excludes 0).\n",
+             f"| mode | {g['a']} − {g['b']} here | on {g['other']} | difference [95% CI] |", "|---|---:|---:|---:|"]
+    for mode in ("greedy", "sampled"):
+        d = c.get(mode)
+        if d:
+            lines.append(f"| {mode} | {d['here']:+.3f} | {d['there']:+.3f} | {_diff_cell(d)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _contrast_of(results: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The protocol's `contrast` ({protocol, a, b}) against that protocol's results.json, which
+    lies beside `out` (results/<protocol>/)."""
+    spec = results.get("contrast")
+    if not spec:
+        return None
+    other_path = out.parent / spec["protocol"] / "results.json"
+    if not other_path.exists():
+        return {"other": spec["protocol"], "missing": f"{other_path} not found (run that protocol first)"}
+    other = json.loads(other_path.read_text())
+    a, b = spec.get("a", "steppo"), spec.get("b", "ppo")
+    return {"other": spec["protocol"], **{m: contrast(results, other, a, b, m) for m in ("greedy", "sampled")}}
+
+
 def write_results(results: dict[str, Any], out: Path) -> None:
     """results.json (with the statistics), table.md and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     stats = statistics_of(results)
+    stats["contrast"] = _contrast_of(results, out)
     results["statistics"] = stats
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table(results) + statistics_tables(results, stats))
+    (out / "table.md").write_text(table(results) + statistics_tables(results, stats) + contrast_table(stats)
+                                  + provenance(results))
     plots(results, out)

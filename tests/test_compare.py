@@ -1,11 +1,15 @@
 """The comparison harness on a 1-iteration micro-protocol: equal budgets, results, table, plots."""
 
 import json
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
 from steppo.compare import load_protocol, run_config, run_protocol
-from steppo.report import paired_difference, statistics_of, steps_to_threshold, table
+from steppo.config import ConfigError
+from steppo.report import contrast, paired_difference, statistics_of, steps_to_threshold, table, write_results
 
 BASE = {
     "env": {"name": "compass"},
@@ -66,6 +70,17 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
     for png in ("success.png", "critic_loss.png", "advantage_by_step.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
+    # each run records the commit it ran at (this checkout's HEAD), and the table says so
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    commits = results["runs"]["steppo"]["0"]["commits"]
+    if head.returncode == 0:  # the suite runs in a git checkout
+        assert len(commits) == 1 and commits[0].split("+")[0] == head.stdout.strip()
+        assert f"code: {head.stdout.strip()[:12]}" in text and "(2 runs)" in text
+    else:
+        assert commits == ["unknown"]
+    attempts = json.loads((runs / "steppo" / "seed0" / "run.json").read_text())["attempts"]
+    assert [a["from_iteration"] for a in attempts] == [0] and attempts[0]["steppo"]
+
     # resume: finished runs are not rerun
     mtime = (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime
     run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
@@ -89,7 +104,8 @@ def _results(a_runs, b_runs):
 def _run(outcomes=None, success=None):
     success = outcomes.count("1") / len(outcomes) if success is None else success
     return {"final_success": success, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0,
-            "final_outcomes": {"greedy": outcomes} if outcomes else {}, "curve": [], "final_critic_loss": None}
+            "final_outcomes": {"greedy": outcomes} if outcomes else {}, "curve": [], "final_critic_loss": None,
+            "critic_loss": [], "advantage_by_step": []}
 
 
 def test_paired_difference_by_seed_and_task_by_hand():
@@ -121,3 +137,35 @@ def test_steps_to_threshold_and_statistics_tables():
     res = _results([_run("1100"), _run("1010")], [_run("1000"), _run("0010")])
     stats = statistics_of(res)
     assert stats["best_baseline"] == "ppo" and stats["paired"]["ppo"]["greedy"]["difference"] == 0.25
+
+
+def test_contrast_of_two_protocols_by_hand(tmp_path):
+    # here steppo - ppo = +1 on every task of every seed; on the other protocol 0: contrast +1, a point
+    here = {**_results([_run("11")] * 2, [_run("00")] * 2), "protocol": "long"}
+    there = {**_results([_run("10")] * 2, [_run("10")] * 2), "protocol": "short"}
+    c = contrast(here, there, resamples=500)
+    assert (c["here"], c["there"], c["difference"]) == (1.0, 0.0, 1.0) and c["ci95"] == [1.0, 1.0]
+    assert c["excludes_zero"] and c["other"] == "short"
+    # a protocol against itself: no difference, and an interval around 0 (the two bootstraps are independent)
+    mixed = {**_results([_run("1100"), _run("1010")], [_run("1000"), _run("0010")]), "protocol": "p"}
+    c = contrast(mixed, mixed, resamples=2000)
+    assert c["difference"] == 0 and c["ci95"][0] < 0 < c["ci95"][1] and not c["excludes_zero"]
+    assert contrast(here, {**_results([], []), "protocol": "empty"}) is None
+
+    # write_results reads the other protocol's results.json beside its own directory
+    short_dir, long_dir = tmp_path / "short", tmp_path / "long"
+    write_results({**there, "contrast": None}, short_dir)
+    long_results = {**here, "contrast": {"protocol": "short", "a": "steppo", "b": "ppo"}}
+    write_results(long_results, long_dir)
+    assert long_results["statistics"]["contrast"]["greedy"]["difference"] == 1.0
+    text = (long_dir / "table.md").read_text()
+    assert "here minus (steppo − ppo) on short" in text and "| greedy | +1.000 | +0.000 | **+1.000 [+1.000, +1.000]** |" in text
+    assert "code: not recorded (4 runs)" in text
+    write_results({**here, "contrast": {"protocol": "missing"}}, tmp_path / "x")
+    assert "missing/results.json not found" in (tmp_path / "x" / "table.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [{"protocol": 3}, "compass", {"protocol": "compass", "a": "nope"}])
+def test_protocol_rejects_a_malformed_contrast(tmp_path, bad):
+    with pytest.raises(ConfigError, match="contrast must be"):
+        load_protocol(_protocol(tmp_path, contrast=bad))

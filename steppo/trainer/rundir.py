@@ -8,7 +8,10 @@ A directory holds a run when it has any of `RUN_FILES`; other files (a compariso
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +70,38 @@ def run_id(out: Path, main: bool) -> str | None:
     new = uuid.uuid4().hex
     path.write_text(json.dumps({"run_id": new}) + "\n")
     return new
+
+
+def code_version() -> dict:
+    """The code this process runs: StepPO's version and, when the package lives in a git
+    checkout, its commit and whether that checkout had uncommitted changes (None otherwise)."""
+    import steppo
+
+    where = Path(steppo.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"steppo": steppo.__version__, "commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def record_attempt(out: Path, from_iteration: int) -> None:
+    """Append this attempt (start or resume) and the code it runs to ``run.json``'s ``attempts``:
+    a run resumed at another commit says so."""
+    path = out / "run.json"
+    info = json.loads(path.read_text())
+    info.setdefault("attempts", []).append(
+        {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_iteration": from_iteration,
+         **code_version()})
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, path)
 
 
 def clean_for_resume(out: Path, run_id: str | None, resume_from: Path | None, broken: list[Path],

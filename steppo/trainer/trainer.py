@@ -141,6 +141,7 @@ class Trainer:
             ckpt.restore_trainer(self, ckpt.load_trainer_state(resume_from) if state is None else state)
         self.runlog = NoLog()
         if self.dist.is_main:
+            rundir.record_attempt(self.out, self.iteration)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.runlog = RunLog(self.out, cfg.run, cfg.to_dict(), say=self.say,
                                  resume_after=self.iteration if resume_from else (-1 if resume else None))

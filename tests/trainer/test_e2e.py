@@ -8,6 +8,7 @@ import torch
 from steppo.cli import main
 from steppo.config import load_config
 from steppo.trainer import checkpoint as ckpt
+from steppo.trainer import rundir
 from steppo.trainer.trainer import Trainer
 
 REQUIRED = [
@@ -90,6 +91,10 @@ def test_resume_continues_with_identical_results(tmp_path):
     assert main(["train", *base, "trainer.iterations=3", f"run.output_dir={split}", "--resume"]) == 0
     a, b = _metrics(straight), _metrics(split)
     assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    # run.json keeps the run's id and records each attempt and the code it ran
+    info = json.loads((split / "run.json").read_text())
+    assert info["run_id"] and [x["from_iteration"] for x in info["attempts"]] == [0, 2]
+    assert {x["commit"] for x in info["attempts"]} == {rundir.code_version()["commit"]}
     for ra, rb in zip(a, b):
         for k in ra:
             if not k.startswith(("time/", "throughput/")) and not k.endswith("tokens_per_s"):
