@@ -28,7 +28,8 @@ Differences that remain, by design of each framework (recorded in the output):
 Resumable (a finished run is kept). Prints one JSON object: per framework and seed, the wall
 time per update and per environment step, tokens forwarded per update (generation prefill +
 decode, and the update's forward), peak RSS, held-out success before and after, and both
-frameworks' configurations; also written to ``results/peers/peers.json``.
+frameworks' configurations, and each run's commit; also written to ``results/peers/peers.json``,
+with the README's table in ``results/peers/table.md``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def child(cmd: list[str], log: Path, rss_file: Path, threads: int) -> float:
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {rc}); see {log}")
     return time.perf_counter() - t0
+
+
+def code_commit() -> str:
+    """This checkout's commit ("+dirty" with uncommitted changes to tracked files)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def finished(out: Path) -> None:
+    """Mark a run done and record the commit it ran at (kept when a later invocation collects it)."""
+    (out / "commit.txt").write_text(code_commit() + "\n")
+
+
+def recorded_commit(out: Path) -> str:
+    path = out / "commit.txt"
+    return path.read_text().strip() if path.exists() else "not recorded"
 
 
 def steppo_tree(algo: str, seed: int, out: Path, start: Path, budget: int) -> dict:
@@ -247,6 +265,7 @@ def trl_run(seed: int, out: Path, start: Path, budget: int, threads: int) -> dic
         spec = out / "spec.json"
         spec.write_text(json.dumps({"start": str(start), "out": str(out), "seed": seed, "env_steps": budget}))
         child([str(ROOT / "bench" / "peers.py"), "--trl-child", str(spec)], out / "log.txt", out / "rss.txt", threads)
+        finished(out)
     result = json.loads((out / "trl_result.json").read_text())
     result["peak_rss_mib"] = round(float((out / "rss.txt").read_text()))
     if not (out / "eval.json").exists():  # the same greedy evaluation as StepPO's runs
@@ -256,6 +275,7 @@ def trl_run(seed: int, out: Path, start: Path, budget: int, threads: int) -> dic
         child(["steppo.cli", "eval", "--config", str(out / "eval.yaml"), "--json", str(out / "eval.json")],
               out / "log.txt", out / "eval_rss.txt", threads)
     result["success_after"] = json.loads((out / "eval.json").read_text())["success"]
+    result["commit"] = recorded_commit(out)
     return result
 
 
@@ -268,9 +288,34 @@ def steppo_run(algo: str, seed: int, out: Path, start: Path, budget: int, thread
         child(["steppo.cli", "train", "--config", str(cfg), "--resume" if resume else "--overwrite"],
               out.parent / f"{out.name}.log", out.parent / f"{out.name}.rss", threads)
         (out / "done.txt").write_text("done\n")
+        finished(out)
     result = steppo_summary(out)
     result["peak_rss_mib"] = round(float((out.parent / f"{out.name}.rss").read_text()))
+    result["commit"] = recorded_commit(out)
     return result
+
+
+def table(result: dict) -> str:
+    """The README's table: per framework, mean over seeds (each seed's held-out success listed)."""
+    names = {"trl": f"TRL {result['trl']} `GRPOTrainer`", "steppo_grpo": "StepPO `algo=grpo`",
+             "steppo": "StepPO `algo=steppo`"}
+    lines = ["| framework | s / update | s / env step | prefill tokens / update | generated / update | "
+             "update tokens / update | peak RSS | held-out success (per seed) | env steps |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, seeds in result["runs"].items():
+        rs = list(seeds.values())
+
+        def mean(key: str, rs: list = rs) -> float:
+            return sum(r[key] for r in rs) / len(rs)
+        after = " / ".join(f"{r['success_after']:.3f}" for r in rs)
+        lines.append(f"| {names.get(name, name)} | {mean('s_per_update'):.0f} | {mean('s_per_env_step'):.2f} | "
+                     f"{mean('prefill_tokens_per_update'):,.0f} | {mean('generated_tokens_per_update'):,.0f} | "
+                     f"{mean('update_tokens_per_update'):,.0f} | {mean('peak_rss_mib') / 1024:.1f} GiB | "
+                     f"{mean('success_after'):.3f} ({after}) | {mean('env_steps'):.0f} |")
+    before = [r["success_before"] for seeds in result["runs"].values() for r in seeds.values() if "success_before" in r]
+    if before:
+        lines.append(f"\nThe shared warm start: {sum(before) / len(before):.3f} held-out success.")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -305,9 +350,9 @@ def main() -> None:
             else:
                 r = steppo_run("grpo" if name == "steppo_grpo" else "steppo", seed, run, start, args.env_steps, threads)
             rows.setdefault(name, {})[f"seed{seed}"] = r
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
-        "benchmark": "peers", "commit": commit, "trl": trl.__version__, "threads": threads,
+        "benchmark": "peers", "commit": code_commit(),  # this collection's; each run records its own
+        "trl": trl.__version__, "threads": threads,
         "settings": {"group_size": GROUP, "trajectories_per_update": PER_UPDATE, "max_model_turns": TURNS,
                      "max_new_tokens_per_turn": NEW_TOKENS, "lr": LR, "kl": KL, "clip": CLIP,
                      "env_steps_budget": args.env_steps, "eval_questions": EVAL, "model": "smollm2-135m LoRA r16",
@@ -329,6 +374,7 @@ def main() -> None:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "peers.json").write_text(json.dumps(result, indent=2) + "\n")
+    (res / "table.md").write_text(table(result))
 
 
 if __name__ == "__main__":
