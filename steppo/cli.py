@@ -224,8 +224,12 @@ def cmd_serve(args) -> int:
     else:
         cfg, checkpoint = load_config(None, args.overrides), None
     pool = Path(args.pool) if args.pool else Path(cfg.run.output_dir) / "pool"
-    serve_checkpoint(cfg, checkpoint, pool, args.host, args.port, args.api_key or os.environ.get("STEPPO_API_KEY"),
-                     say=_say(_console()))
+    restore = _catch_ctrl_c()  # Ctrl-C / kill -INT stop the server even when started with SIGINT ignored
+    try:
+        serve_checkpoint(cfg, checkpoint, pool, args.host, args.port, args.api_key or os.environ.get("STEPPO_API_KEY"),
+                         say=_say(_console()))
+    finally:
+        restore()
     return 0
 
 

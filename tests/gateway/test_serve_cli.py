@@ -26,7 +26,9 @@ def _free_port() -> int:
 def _serve(tmp_path, pool, port):
     args = [sys.executable, "-m", "steppo.cli", "serve", "model.device=cpu", "rollout.max_new_tokens=8",
             f"run.output_dir={tmp_path / 'run'}", f"--pool={pool}", f"--port={port}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # started with SIGINT ignored, as a shell script's background job is: Ctrl-C must still stop it
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
