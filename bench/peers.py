@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from gateway_learning import KB, MODEL, configs  # noqa: E402  (the shared SFT warm start)
 
+from steppo.trainer.rundir import code_version  # noqa: E402
+
 GROUP, PER_UPDATE, TURNS, NEW_TOKENS, LR, KL, CLIP = 4, 16, 4, 48, 2.0e-4, 0.02, 0.2
 EVAL = 40
 # ChatML that writes a tool call as StepPO's hermes syntax and a tool result as a user turn,
@@ -91,13 +93,12 @@ def child(cmd: list[str], log: Path, rss_file: Path, threads: int) -> float:
 
 def code_commit() -> str:
     """This checkout's commit ("+dirty" with uncommitted changes to tracked files)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    code = code_version()
+    return (code["commit"] or "unknown") + ("+dirty" if code["dirty"] else "")
 
 
 def finished(out: Path) -> None:
-    """Mark a run done and record the commit it ran at (kept when a later invocation collects it)."""
+    """Record the commit a finished run ran at (kept when a later invocation collects it)."""
     (out / "commit.txt").write_text(code_commit() + "\n")
 
 

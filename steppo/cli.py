@@ -117,13 +117,7 @@ def cmd_train(args) -> int:
             raise ConfigError("--force only applies with --resume (it allows changing run-defining keys)")
         cfg = load_config(args.config, args.overrides)
     t0 = time.perf_counter()
-    _INTERRUPTED.clear()
-    restore = _catch_ctrl_c()
-    try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, log=_say(console))
-    except BaseException:
-        restore()
-        raise
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, log=_say(console))
     _INTERRUPTED["iteration"] = trainer.iteration
     show = cfg.run.progress and trainer.dist.is_main
     live = show and interactive() and interactive(console.file)  # a bar on a terminal; else a line per iteration
@@ -148,7 +142,6 @@ def cmd_train(args) -> int:
 
             summary = trainer.train(progress)
     finally:
-        restore()
         trainer.close()
     if not trainer.dist.is_main:
         return 0
@@ -224,12 +217,8 @@ def cmd_serve(args) -> int:
     else:
         cfg, checkpoint = load_config(None, args.overrides), None
     pool = Path(args.pool) if args.pool else Path(cfg.run.output_dir) / "pool"
-    restore = _catch_ctrl_c()  # Ctrl-C / kill -INT stop the server even when started with SIGINT ignored
-    try:
-        serve_checkpoint(cfg, checkpoint, pool, args.host, args.port, args.api_key or os.environ.get("STEPPO_API_KEY"),
-                         say=_say(_console()))
-    finally:
-        restore()
+    serve_checkpoint(cfg, checkpoint, pool, args.host, args.port, args.api_key or os.environ.get("STEPPO_API_KEY"),
+                     say=_say(_console()))
     return 0
 
 
@@ -334,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.command not in ("config", "view"):  # these stay light (no transformers)
         _quiet_libraries()
+    _INTERRUPTED.clear()
+    restore = _catch_ctrl_c()  # every command stops on Ctrl-C / kill -INT, even when started with SIGINT ignored
     try:
         commands = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export, "serve": cmd_serve,
                     "config": cmd_config, "view": cmd_view}
@@ -352,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"steppo: training stopped: {exc}", file=sys.stderr)
         return 1
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

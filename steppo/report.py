@@ -392,7 +392,7 @@ def provenance(results: dict[str, Any]) -> str:
         for c in r.get("commits") or ["not recorded"]:
             by_commit[c] = by_commit.get(c, 0) + 1
     walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
-    code = ", ".join(f"{c[:12] if c != 'not recorded' else c} ({n} runs)" for c, n in by_commit.items())
+    code = ", ".join(f"{c[:12]}{'+dirty' if c.endswith('+dirty') else ''} ({n} runs)" for c, n in by_commit.items())
     wall = f"{sum(walls) / 3600:.1f} h summed over {len(walls)} runs" if walls else "not recorded"
     return f"\nRuns: {len(runs)}; code: {code}; wall time: {wall}.\n"
 
