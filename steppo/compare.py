@@ -9,6 +9,8 @@ A protocol is a YAML file (see ``configs/compare/``)::
     preset_overrides: {gspo: {algo: {clip_high: 4.0e-4}}}   # optional, per preset
     zero_shot: true                       # also evaluate the starting policy (a zero-shot row)
     contrast: {protocol: compass, a: steppo, b: ppo}   # optional: does a - b here differ from compass's?
+    added_seeds: {presets: [steppo, ppo], seeds: [5, 6]}  # optional: more seeds for some presets
+                                          # (a precision rule); "best baseline" stays on `seeds`
 
 Equal budgets: every run plays ``trainer.trajectories_per_iteration`` episodes per update (group
 presets play that many / ``group_size`` tasks, ``group_size`` times each, as in the paper) and
@@ -57,7 +59,32 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     proto.setdefault("seeds", [0])
     proto.setdefault("base", {})
     proto.setdefault("preset_overrides", {})
+    added = proto.setdefault("added_seeds", {"presets": [], "seeds": []})
+    if not (isinstance(added, dict) and set(added) <= {"presets", "seeds"}
+            and all(p in proto["presets"] for p in added.get("presets", []))
+            and all(isinstance(s, int) and s not in proto["seeds"] for s in added.get("seeds", []))):
+        raise ConfigError(f"{path}: added_seeds must be {{presets: [some of {proto['presets']}], seeds: [seeds "
+                          f"not among {proto['seeds']}]}}, not {added!r}")
+    added.setdefault("presets", [])
+    added.setdefault("seeds", [])
     return proto
+
+
+def seeds_of(proto: dict, preset: str) -> list[int]:
+    """The seeds `preset` runs: the protocol's, then its added seeds."""
+    added = proto["added_seeds"]
+    return list(proto["seeds"]) + (list(added["seeds"]) if preset in added["presets"] else [])
+
+
+def all_seeds(proto: dict) -> list[int]:
+    """Every seed some preset runs (each gets a warm start and a zero-shot row)."""
+    added = proto["added_seeds"]
+    return list(proto["seeds"]) + (list(added["seeds"]) if added["presets"] else [])
+
+
+def work(proto: dict) -> list[tuple[str, int]]:
+    """The (preset, seed) runs of a protocol, seed by seed (every preset of a seed, then the next)."""
+    return [(p, s) for s in all_seeds(proto) for p in proto["presets"] if s in seeds_of(proto, p)]
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -93,7 +120,9 @@ def _write_config(tree: dict, path: Path) -> Path:
 def _steppo(args: list[str], log: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    with log.open("w") as f:
+    with log.open("a") as f:  # a resumed run's earlier attempts stay in its log
+        f.write(f"[compare] {time.strftime('%Y-%m-%d %H:%M:%S')} steppo {' '.join(args)}\n")
+        f.flush()
         proc = subprocess.run([sys.executable, "-m", "steppo.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"steppo {' '.join(args[:1])} failed; see {log}")
@@ -107,7 +136,7 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
     model = proto["base"].get("model", {}).get("name", base.model.name)
     enabled = sft.get("enabled", model == "tiny")
     if not enabled:
-        return {s: None for s in proto["seeds"]}
+        return {s: None for s in all_seeds(proto)}
     out: dict[int, str | None] = {}
 
     def one(seed: int) -> tuple[int, str]:
@@ -121,7 +150,7 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
         return seed, str(policy)
 
     with cf.ThreadPoolExecutor(jobs) as pool:
-        for seed, policy in pool.map(one, proto["seeds"]):
+        for seed, policy in pool.map(one, all_seeds(proto)):
             out[seed] = policy
     return out
 
@@ -133,15 +162,17 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
 
     `threads`: torch threads per run (default: the machine's cores shared among `jobs`)."""
     proto = load_protocol(path)
-    if presets:
+    added = proto["added_seeds"]
+    if presets:  # only these presets
         proto["presets"] = presets
-    if seeds:
-        proto["seeds"] = seeds
+        added["presets"] = [p for p in added["presets"] if p in presets]
+    if seeds:  # only these seeds (an added seed still runs only its presets)
+        proto["seeds"] = [s for s in seeds if s not in added["seeds"]]
+        added["seeds"] = [s for s in added["seeds"] if s in seeds]
     out = Path(out_dir or Path("results") / proto["name"])
     root = Path(runs_dir or Path("runs") / "compare" / proto["name"])
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     starts = warm_starts(proto, root, jobs, threads)
-    work = [(p, s) for s in proto["seeds"] for p in proto["presets"]]
 
     def one(item: tuple[str, int]) -> tuple[str, int, float]:
         preset, seed = item
@@ -158,9 +189,10 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
         return preset, seed, wall
 
     walls: dict[tuple[str, int], float] = {}
-    status = _Status(len(work), jobs)
+    runs = work(proto)
+    status = _Status(len(runs), jobs)
     with cf.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(status.running, one, item) for item in work]
+        futures = [pool.submit(status.running, one, item) for item in runs]
         for fut in cf.as_completed(futures):
             preset, seed, wall = fut.result()
             walls[(preset, seed)] = wall
@@ -209,7 +241,7 @@ class _Status:
 def _zero_shot(proto: dict, root: Path, starts: dict, threads: int) -> dict[str, Any]:
     """Held-out success of the starting policy (the warm start, or the base model), per seed."""
     rows = {}
-    for seed in proto["seeds"]:
+    for seed in all_seeds(proto):
         target = root / "zero_shot" / f"seed{seed}.json"
         if not target.exists():
             tree = _merge(proto["base"], {"run": {"seed": seed, "output_dir": str(root / "zero_shot"), "progress": False}})

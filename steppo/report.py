@@ -78,9 +78,11 @@ def run_commits(run_dir: Path) -> list[str]:
 
 def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
+    from steppo.compare import seeds_of
+
     for preset in proto["presets"]:
         runs[preset] = {}
-        for seed in proto["seeds"]:
+        for seed in seeds_of(proto, preset):
             run_dir = root / preset / f"seed{seed}"
             records = _records(run_dir / "metrics.jsonl")
             evals = [r for r in records if r.get("eval/success") is not None]
@@ -105,7 +107,8 @@ def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str
                 "commits": run_commits(run_dir),
             }
     return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
-            "base": proto["base"], "runs": runs, "zero_shot": zero, "contrast": proto.get("contrast")}
+            "added_seeds": proto.get("added_seeds"), "base": proto["base"], "runs": runs, "zero_shot": zero,
+            "contrast": proto.get("contrast")}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -213,8 +216,11 @@ def statistics_of(results: dict[str, Any], reference: str = "steppo") -> dict[st
         baselines = [p for p in presets if p != reference and not p.startswith(reference + "_")]
         for b in [p for p in presets if p != reference]:
             out["paired"][b] = {m: paired_difference(results, reference, b, m) for m in ("greedy", "sampled")}
-        scored = [(out["per_preset"][b]["greedy"][0], b) for b in baselines
-                  if not math.isnan(out["per_preset"][b]["greedy"][0])]
+        # on the protocol's seeds: a preset's added seeds (a precision rule) do not change which is best
+        base = {str(x) for x in results["seeds"]}
+        means = {b: _mean_std([r["final_success"] for s, r in results["runs"][b].items() if s in base])[0]
+                 for b in baselines}
+        scored = [(m, b) for b, m in means.items() if not math.isnan(m)]
         out["best_baseline"] = max(scored)[1] if scored else None
     return out
 
@@ -234,7 +240,8 @@ def table(results: dict[str, Any]) -> str:
         smp = _mean_std([r["final_success_sampled"] for r in per])
         steps = _mean_std([r["env_steps"] for r in per])
         wall = _mean_std([r["wall_s"] for r in per])
-        rows.append((preset, g, smp, steps, wall))
+        seeds = sum(r["final_success"] is not None for r in per)
+        rows.append((preset, g, smp, steps, wall, seeds))
     best_g = max((r[1][0] for r in rows if not math.isnan(r[1][0])), default=None)
     best_s = max((r[2][0] for r in rows if not math.isnan(r[2][0])), default=None)
 
@@ -244,17 +251,17 @@ def table(results: dict[str, Any]) -> str:
         text = f"{ms[0]:.3f} ± {ms[1]:.3f}"
         return f"**{text}**" if best is not None and abs(ms[0] - best) < 1e-12 else text
 
-    n = len(results["seeds"])
     lines = [
-        f"| preset | held-out success, greedy (mean ± std, {n} seeds) | sampled | env steps | wall s |",
-        "|---|---:|---:|---:|---:|",
+        "| preset | held-out success, greedy (mean ± std over seeds) | sampled | env steps | wall s | seeds |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     if results.get("zero_shot"):
         zs = list(results["zero_shot"].values())
-        lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - |")
-    for preset, g, smp, steps, wall in rows:
+        lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - "
+                     f"| {len(zs)} |")
+    for preset, g, smp, steps, wall, seeds in rows:
         wall_text = "-" if math.isnan(wall[0]) else f"{wall[0]:.0f}"
-        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {wall_text} |")
+        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {wall_text} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +320,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    n = len(results["seeds"])
+    n = max((len(per) for per in results["runs"].values()), default=0)
     for key, label, name in (("success", "greedy", "success.png"), ("success_sampled", "sampled", "success_sampled.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
@@ -332,10 +339,11 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             continue
         ax.set_ylim(0, 1)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel(f"held-out success ({label}; mean, band = min-max over {n} seeds)")
+        ax.set_ylabel(f"held-out success ({label}; mean, band = min-max over seeds)")
         ax.set_title(results["protocol"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=2)
         written.append(_save(fig, out / name))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -351,7 +359,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("critic loss (mean over seeds)")
     ax.set_title(f"{results['protocol']}: critic loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     written.append(_save(fig, out / "critic_loss.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -369,7 +378,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_title(f"{results['protocol']}: advantage by step")
     ax.axhline(0, color="k", lw=0.5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, ncol=2)
     written.append(_save(fig, out / "advantage_by_step.png"))
     return written
 

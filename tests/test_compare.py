@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steppo.compare import load_protocol, run_config, run_protocol
+from steppo.compare import _steppo, load_protocol, run_config, run_protocol, seeds_of, work
 from steppo.config import ConfigError
 from steppo.report import contrast, paired_difference, statistics_of, steps_to_threshold, table, write_results
 
@@ -93,7 +93,7 @@ def test_table_marks_best_mean_and_reports_std():
     results = {"presets": ["a", "b"], "seeds": [0, 1], "zero_shot": None,
                "runs": {"a": {"0": run(0.5), "1": run(0.7)}, "b": {"0": run(0.2), "1": run(0.2)}}}
     text = table(results)
-    assert "| a | **0.600 ± 0.141** |" in text and "| b | 0.200 ± 0.000 |" in text
+    assert "| a | **0.600 ± 0.141** | - | 10 | 1 | 2 |" in text and "| b | 0.200 ± 0.000 | - | 10 | 1 | 2 |" in text
 
 
 def _results(a_runs, b_runs):
@@ -169,3 +169,41 @@ def test_contrast_of_two_protocols_by_hand(tmp_path):
 def test_protocol_rejects_a_malformed_contrast(tmp_path, bad):
     with pytest.raises(ConfigError, match="contrast must be"):
         load_protocol(_protocol(tmp_path, contrast=bad))
+
+
+def test_added_seeds_run_only_their_presets_and_do_not_pick_the_best_baseline(tmp_path):
+    proto = load_protocol(_protocol(tmp_path, presets=["steppo", "ppo", "grpo"], seeds=[0, 1],
+                                    added_seeds={"presets": ["steppo", "ppo"], "seeds": [2]}))
+    assert seeds_of(proto, "ppo") == [0, 1, 2] and seeds_of(proto, "grpo") == [0, 1]
+    assert work(proto) == [("steppo", 0), ("ppo", 0), ("grpo", 0), ("steppo", 1), ("ppo", 1), ("grpo", 1),
+                           ("steppo", 2), ("ppo", 2)]
+    assert load_protocol(_protocol(tmp_path))["added_seeds"] == {"presets": [], "seeds": []}
+    # on seeds 0-1 grpo is the best baseline (0.5 vs 0.4); ppo's added seed 2 (0.9) lifts its mean
+    # over all its seeds above grpo's, but the best baseline is chosen on the protocol's seeds
+    res = _results([_run("11"), _run("11"), _run("11")], [_run(success=0.4), _run(success=0.4), _run(success=0.9)])
+    res["presets"].append("grpo")
+    res["seeds"] = [0, 1]
+    res["runs"]["grpo"] = {"0": _run(success=0.5), "1": _run(success=0.5)}
+    stats = statistics_of(res)
+    assert stats["best_baseline"] == "grpo"
+    # the paired difference against ppo uses every seed both ran (3), against grpo the 2 common ones
+    assert stats["paired"]["ppo"]["greedy"]["seeds"] == 3 and stats["paired"]["grpo"]["greedy"]["seeds"] == 2
+    assert abs(stats["paired"]["ppo"]["greedy"]["difference"] - (0.6 + 0.6 + 0.1) / 3) < 1e-12
+    text = table(res)
+    assert "| ppo | 0.567 ± 0.289 | - | 10 | 1 | 3 |" in text and "| grpo | 0.500 ± 0.000 | - | 10 | 1 | 2 |" in text
+
+
+@pytest.mark.parametrize("bad", [{"presets": ["gspo"], "seeds": [5]}, {"presets": ["steppo"], "seeds": [0]},
+                                 {"presets": ["steppo"], "seeds": ["5"]}, [5], {"presets": ["steppo"], "extra": 1}])
+def test_protocol_rejects_malformed_added_seeds(tmp_path, bad):
+    with pytest.raises(ConfigError, match="added_seeds must be"):
+        load_protocol(_protocol(tmp_path, added_seeds=bad))
+
+
+def test_a_rerun_appends_to_the_run_log(tmp_path):
+    log = tmp_path / "log.txt"
+    for _ in range(2):  # a failing attempt, then its retry: both stay in the log
+        with pytest.raises(RuntimeError, match="see"):
+            _steppo(["no-such-command"], log, threads=1)
+    text = log.read_text()
+    assert text.count("[compare] ") == 2 and text.count("invalid choice") == 2
