@@ -23,7 +23,7 @@ Held-out success is measured every ``trainer.eval_interval`` iterations.
 Writes ``results/<name>/``: ``results.json`` (per preset and seed: held-out success curve vs
 environment steps, final success, critic loss curve, mean advantage by step index),
 ``table.md`` (mean +- std over seeds, best in bold; the paired statistics of ``steppo.report``;
-the commits the runs ran at and their wall time) and PNG plots.
+the commits the runs ran at and their run time, `steppo.report.run_time`) and PNG plots.
 """
 
 from __future__ import annotations

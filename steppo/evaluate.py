@@ -4,7 +4,8 @@
 side (so ``rollout.backend=vllm`` evaluates with vLLM too) and returns metrics in one
 vocabulary, the rollout's (`steppo.rollout.engine.RolloutResult.metrics`): ``success``,
 ``score``, ``steps_mean``, ``truncated_frac``, ``invalid_action_frac``,
-``malformed_action_frac``, ``env_failures``, ``valid``, ..., prefixed ``eval/`` (greedy) or
+``malformed_action_frac``, ``env_failures``, ``valid``, ``time_s`` (the evaluation's wall
+time), ..., prefixed ``eval/`` (greedy) or
 ``eval_sampled/`` (sampled). ``steppo eval`` prints the same keys without a prefix.
 
 Episodes the environment failed (``env_error`` / ``env_timeout``) are not outcomes: success
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -79,9 +81,11 @@ def evaluate(generation: Generation, tasks: list[Task], greedy: bool, tag: Any =
     """Play each of `tasks` once; metrics prefixed ``eval/`` (greedy) or ``eval_sampled/``.
     `runlog` (a `RunLog`) receives the per-task outcomes."""
     mode = "greedy" if greedy else "sampled"
+    t0 = time.perf_counter()
     result = generation.play(tasks, [t.id for t in tasks], f"eval-{tag}-{mode}", greedy=greedy)
     summary = summarize(result)
     summary.pop("by_task_type", None)
+    summary["time_s"] = time.perf_counter() - t0
     if runlog is not None:
         runlog.outcomes(outcome_record(tag, greedy, tasks, result))
     if not summary["valid"]:

@@ -59,6 +59,23 @@ def _final_outcomes(run_dir: Path, iteration: int | None) -> dict[str, str]:
     return found
 
 
+def run_time(records: list[dict]) -> float:
+    """A run's time from its records (seconds): every update's (``time/iteration_s``: rollout +
+    update) and every held-out evaluation's (``eval/time_s``, greedy and sampled; records from
+    before StepPO kept it: generated tokens / generation tokens per s). Unlike the wall clock
+    of the last attempt, it counts every attempt of a resumed run, once each update it kept,
+    and no idle time between updates."""
+    total = 0.0
+    for r in records:
+        total += r.get("time/iteration_s") or 0.0
+        for mode in ("eval", "eval_sampled"):
+            if r.get(f"{mode}/time_s") is not None:
+                total += r[f"{mode}/time_s"]
+            elif r.get(f"{mode}/generation_tokens_per_s"):
+                total += r.get(f"{mode}/generated_tokens", 0) / r[f"{mode}/generation_tokens_per_s"]
+    return total
+
+
 def run_commits(run_dir: Path) -> list[str]:
     """The commits the attempts of a run ran at (``run.json``, written by `steppo train`), in
     order without repeats, "+dirty" when the checkout had uncommitted changes, "unknown" outside
@@ -103,7 +120,8 @@ def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str
                 "critic_loss": critic,
                 "final_critic_loss": _mean([c["loss"] for c in critic[-5:]]),
                 "advantage_by_step": [_mean([r[k] for r in records if r.get(k) is not None]) for k in adv_keys],
-                "wall_s": walls.get((preset, seed)),
+                "wall_s": walls.get((preset, seed)),  # the last attempt's wall clock
+                "time_s": run_time(records) if records else None,
                 "commits": run_commits(run_dir),
             }
     return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
@@ -239,9 +257,9 @@ def table(results: dict[str, Any]) -> str:
         g = _mean_std([r["final_success"] for r in per])
         smp = _mean_std([r["final_success_sampled"] for r in per])
         steps = _mean_std([r["env_steps"] for r in per])
-        wall = _mean_std([r["wall_s"] for r in per])
+        run_s = _mean_std([r.get("time_s") for r in per])
         seeds = sum(r["final_success"] is not None for r in per)
-        rows.append((preset, g, smp, steps, wall, seeds))
+        rows.append((preset, g, smp, steps, run_s, seeds))
     best_g = max((r[1][0] for r in rows if not math.isnan(r[1][0])), default=None)
     best_s = max((r[2][0] for r in rows if not math.isnan(r[2][0])), default=None)
 
@@ -252,16 +270,16 @@ def table(results: dict[str, Any]) -> str:
         return f"**{text}**" if best is not None and abs(ms[0] - best) < 1e-12 else text
 
     lines = [
-        "| preset | held-out success, greedy (mean ± std over seeds) | sampled | env steps | wall s | seeds |",
+        "| preset | held-out success, greedy (mean ± std over seeds) | sampled | env steps | time s | seeds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     if results.get("zero_shot"):
         zs = list(results["zero_shot"].values())
         lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - "
                      f"| {len(zs)} |")
-    for preset, g, smp, steps, wall, seeds in rows:
-        wall_text = "-" if math.isnan(wall[0]) else f"{wall[0]:.0f}"
-        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {wall_text} | {seeds} |")
+    for preset, g, smp, steps, run_s, seeds in rows:
+        time_text = "-" if math.isnan(run_s[0]) else f"{run_s[0]:.0f}"
+        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {time_text} | {seeds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -395,16 +413,17 @@ def _save(fig, path: Path) -> Path:
 
 
 def provenance(results: dict[str, Any]) -> str:
-    """Which code the runs ran at, and the protocol's wall time (Markdown)."""
+    """Which code the runs ran at, and the protocol's run time (Markdown)."""
     runs = [r for per in results["runs"].values() for r in per.values()]
     by_commit: dict[str, int] = {}
     for r in runs:
         for c in r.get("commits") or ["not recorded"]:
             by_commit[c] = by_commit.get(c, 0) + 1
-    walls = [r["wall_s"] for r in runs if r.get("wall_s") is not None]
+    times = [r["time_s"] for r in runs if r.get("time_s") is not None]
     code = ", ".join(f"{c[:12]}{'+dirty' if c.endswith('+dirty') else ''} ({n} runs)" for c, n in by_commit.items())
-    wall = f"{sum(walls) / 3600:.1f} h summed over {len(walls)} runs" if walls else "not recorded"
-    return f"\nRuns: {len(runs)}; code: {code}; wall time: {wall}.\n"
+    time_text = f"{sum(times) / 3600:.1f} h summed over {len(times)} runs" if times else "not recorded"
+    return (f"\nRuns: {len(runs)}; code: {code}; run time (updates + evaluations, from the records): "
+            f"{time_text}.\n")
 
 
 def contrast_table(stats: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import yaml
 
 from steppo.compare import _steppo, load_protocol, run_config, run_protocol, seeds_of, work
 from steppo.config import ConfigError
-from steppo.report import contrast, paired_difference, statistics_of, steps_to_threshold, table, write_results
+from steppo.report import contrast, paired_difference, run_time, statistics_of, steps_to_threshold, table, write_results
 
 BASE = {
     "env": {"name": "compass"},
@@ -78,6 +78,10 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
         assert f"code: {head.stdout.strip()[:12]}" in text and "(2 runs)" in text
     else:
         assert commits == ["unknown"]
+    # the run time from the records: within the last attempt's wall clock (which adds start-up)
+    for preset in ("steppo", "grpo"):
+        run = results["runs"][preset]["0"]
+        assert 0 < run["time_s"] < run["wall_s"]
     attempts = json.loads((runs / "steppo" / "seed0" / "run.json").read_text())["attempts"]
     assert [a["from_iteration"] for a in attempts] == [0] and attempts[0]["steppo"]
 
@@ -89,7 +93,7 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
 
 def test_table_marks_best_mean_and_reports_std():
     def run(s):
-        return {"final_success": s, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0}
+        return {"final_success": s, "final_success_sampled": None, "env_steps": 10, "time_s": 1.0}
     results = {"presets": ["a", "b"], "seeds": [0, 1], "zero_shot": None,
                "runs": {"a": {"0": run(0.5), "1": run(0.7)}, "b": {"0": run(0.2), "1": run(0.2)}}}
     text = table(results)
@@ -103,7 +107,7 @@ def _results(a_runs, b_runs):
 
 def _run(outcomes=None, success=None):
     success = outcomes.count("1") / len(outcomes) if success is None else success
-    return {"final_success": success, "final_success_sampled": None, "env_steps": 10, "wall_s": 1.0,
+    return {"final_success": success, "final_success_sampled": None, "env_steps": 10, "time_s": 1.0,
             "final_outcomes": {"greedy": outcomes} if outcomes else {}, "curve": [], "final_critic_loss": None,
             "critic_loss": [], "advantage_by_step": []}
 
@@ -207,3 +211,14 @@ def test_a_rerun_appends_to_the_run_log(tmp_path):
             _steppo(["no-such-command"], log, threads=1)
     text = log.read_text()
     assert text.count("[compare] ") == 2 and text.count("invalid choice") == 2
+
+
+def test_run_time_counts_updates_and_evaluations_by_hand():
+    records = [
+        {"iteration": 0, "eval/time_s": 3.0, "eval_sampled/generated_tokens": 100, "eval_sampled/generation_tokens_per_s": 50.0},
+        {"iteration": 1, "time/iteration_s": 2.0},
+        {"iteration": 2, "time/iteration_s": 4.0, "eval/time_s": 1.5},
+    ]
+    # 3 + 100/50 (a record from before eval/time_s: generated tokens / tokens per s) + 2 + 4 + 1.5
+    assert run_time(records) == 12.5
+    assert run_time([]) == 0.0
