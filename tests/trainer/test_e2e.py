@@ -97,7 +97,7 @@ def test_resume_continues_with_identical_results(tmp_path):
     assert {x["commit"] for x in info["attempts"]} == {rundir.code_version()["commit"]}
     for ra, rb in zip(a, b):
         for k in ra:
-            if not k.startswith(("time/", "throughput/")) and not k.endswith("tokens_per_s"):
+            if not k.startswith(("time/", "throughput/")) and not k.endswith(("tokens_per_s", "/time_s")):
                 same = ra[k] == rb[k] or (isinstance(ra[k], float) and ra[k] != ra[k] and rb[k] != rb[k])  # NaN
                 assert same, (ra["iteration"], k)
     wa = ckpt.latest_checkpoint(straight / "checkpoints") / "policy" / "model.safetensors"
