@@ -283,6 +283,28 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_seed_table(results: dict[str, Any]) -> str:
+    """Final greedy held-out success of every preset on every seed (Markdown; "-" where a preset
+    did not run that seed). Shows where a row's spread comes from, e.g. one seed whose start is
+    weak. Columns: the protocol's seeds, then any added ones."""
+    seeds = sorted({int(s) for per in results["runs"].values() for s in per})
+    if not seeds:
+        return ""
+    lines = ["\n**Per seed**: final greedy held-out success (the same seed = the same start).\n",
+             "| preset | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|" + "---:|" * len(seeds)]
+    zero = {str(s): z for s, z in (results.get("zero_shot") or {}).items()}  # int keys before JSON
+    if zero:
+        lines.append("| starting policy (no RL) | " + " | ".join(
+            f"{zero[str(s)]['success']:.3f}" if str(s) in zero else "-" for s in seeds) + " |")
+    for preset in results["presets"]:
+        per = results["runs"][preset]
+        cells = [f"{per[str(s)]['final_success']:.3f}" if per.get(str(s), {}).get("final_success") is not None
+                 else "-" for s in seeds]
+        lines.append(f"| {preset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _diff_cell(p: dict | None) -> str:
     if p is None:
         return "-"
@@ -467,5 +489,6 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     results["statistics"] = stats
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table(results) + statistics_tables(results, stats) + contrast_table(stats)
+                                  + per_seed_table(results)
                                   + provenance(results))
     plots(results, out)

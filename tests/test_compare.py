@@ -9,7 +9,16 @@ import yaml
 
 from steppo.compare import _steppo, load_protocol, run_config, run_protocol, seeds_of, work
 from steppo.config import ConfigError
-from steppo.report import contrast, paired_difference, run_time, statistics_of, steps_to_threshold, table, write_results
+from steppo.report import (
+    contrast,
+    paired_difference,
+    per_seed_table,
+    run_time,
+    statistics_of,
+    steps_to_threshold,
+    table,
+    write_results,
+)
 
 BASE = {
     "env": {"name": "compass"},
@@ -67,6 +76,7 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
     assert saved["presets"] == ["steppo", "grpo"] and saved["zero_shot"]["0"]["success"] is not None
     text = (out / "table.md").read_text()
     assert "| steppo |" in text and "| grpo |" in text and "starting policy" in text and "**" in text
+    assert "**Per seed**" in text and "| preset | seed 0 |" in text
     for png in ("success.png", "critic_loss.png", "advantage_by_step.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -195,6 +205,15 @@ def test_added_seeds_run_only_their_presets_and_do_not_pick_the_best_baseline(tm
     assert abs(stats["paired"]["ppo"]["greedy"]["difference"] - (0.6 + 0.6 + 0.1) / 3) < 1e-12
     text = table(res)
     assert "| ppo | 0.567 ± 0.289 | - | 10 | 1 | 3 |" in text and "| grpo | 0.500 ± 0.000 | - | 10 | 1 | 2 |" in text
+
+
+def test_per_seed_table_shows_every_seed_and_a_dash_where_a_preset_did_not_run():
+    res = _results([_run(success=0.7), _run(success=0.38), _run(success=0.9)], [_run(success=0.6), _run(success=0.72)])
+    res["zero_shot"] = {0: {"success": 0.61}, 1: {"success": 0.375}}  # int keys, as before JSON
+    text = per_seed_table(res)
+    assert "| preset | seed 0 | seed 1 | seed 2 |" in text
+    assert "| starting policy (no RL) | 0.610 | 0.375 | - |" in text
+    assert "| steppo | 0.700 | 0.380 | 0.900 |" in text and "| ppo | 0.600 | 0.720 | - |" in text
 
 
 @pytest.mark.parametrize("bad", [{"presets": ["gspo"], "seeds": [5]}, {"presets": ["steppo"], "seeds": [0]},
