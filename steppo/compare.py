@@ -11,6 +11,9 @@ A protocol is a YAML file (see ``configs/compare/``)::
     contrast: {protocol: compass, a: steppo, b: ppo}   # optional: does a - b here differ from compass's?
     added_seeds: {presets: [steppo, ppo], seeds: [5, 6]}  # optional: more seeds for some presets
                                           # (a precision rule); "best baseline" stays on `seeds`
+    precision: {preset: steppo, half_width: 0.05, block: 5, max_seed: 29}   # optional: after the
+                                          # runs, add blocks of seeds of `preset` and the best
+                                          # baseline until their paired interval is that narrow
 
 Equal budgets: every run plays ``trainer.trajectories_per_iteration`` episodes per update (group
 presets play that many / ``group_size`` tasks, ``group_size`` times each, as in the paper) and
@@ -19,6 +22,14 @@ warm start runs once per seed and every preset of that seed starts from the same
 Held-out success is measured every ``trainer.eval_interval`` iterations.
 
     steppo compare configs/compare/compass.yaml --jobs 2
+
+Each finished run's records (``RECORD_FILES``: metrics, held-out outcomes, configs, commits; not
+its checkpoints) are kept in ``results/<name>/runs/<preset>/seed<k>/`` the moment it finishes,
+with each seed's zero-shot row and a fingerprint of its warm start: a directory meant to be
+committed, so a comparison that outlives its machine resumes from the repository alone. A run is
+done when its kept records are; ``runs/compare/<name>/`` (checkpoints, samples) is scratch. A warm
+start rebuilt on another machine must match the kept fingerprint, or the comparison stops: runs of
+that seed would no longer be paired.
 
 Writes ``results/<name>/``: ``results.json`` (per preset and seed: held-out success curve vs
 environment steps, final success, critic loss curve, mean advantage by step index),
@@ -29,8 +40,11 @@ the commits the runs ran at and their run time, `steppo.report.run_time`) and PN
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +55,47 @@ import yaml
 
 from steppo.config import ConfigError, load_config
 from steppo.core.algorithms import PRESETS
-from steppo.report import collect, write_results
+from steppo.report import collect, statistics_of, write_results
+
+RECORD_FILES = ("run.json", "config.yaml", "protocol.yaml", "metrics.jsonl", "evals.jsonl", "done.json")
+
+
+def keep_records(run_dir: Path, kept: Path) -> None:
+    """Copy a finished run's records to `kept`; ``done.json`` last, so a kept directory with it
+    is whole (a copy cut short is made again)."""
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / "done.json").unlink(missing_ok=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).exists():
+            tmp = kept / f".{name}.tmp"
+            shutil.copyfile(run_dir / name, tmp)
+            os.replace(tmp, kept / name)
+
+
+def _read_json(path: Path) -> Any | None:
+    """The JSON in `path`, None when it is missing or torn."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over a model directory's weight files (name and bytes, in name order)."""
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def load_protocol(path: str | Path) -> dict[str, Any]:
@@ -67,6 +121,17 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
                           f"not among {proto['seeds']}]}}, not {added!r}")
     added.setdefault("presets", [])
     added.setdefault("seeds", [])
+    rule = proto.get("precision")
+    if rule is not None:
+        rule = {"preset": "steppo", "block": 5, **rule} if isinstance(rule, dict) else rule
+        ok = (isinstance(rule, dict) and set(rule) == {"preset", "half_width", "block", "max_seed"}
+              and rule["preset"] in proto["presets"] and isinstance(rule["half_width"], (int, float))
+              and rule["half_width"] > 0 and isinstance(rule["block"], int) and rule["block"] > 0
+              and isinstance(rule["max_seed"], int))
+        if not ok:
+            raise ConfigError(f"{path}: precision must be {{preset: <one of the presets>, half_width: <points as a "
+                              f"fraction, > 0>, block: <seeds per block>, max_seed: <last seed>}}, not {proto['precision']!r}")
+        proto["precision"] = rule
     return proto
 
 
@@ -129,17 +194,22 @@ def _steppo(args: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, str | None]:
-    """SFT once per seed when the base config warm-starts; the policies presets start from."""
+def warm_starts(proto: dict, root: Path, kept: Path, jobs: int, threads: int,
+                need: list[int] | None = None) -> dict[int, str | None]:
+    """SFT once per seed when the base config warm-starts; the policies presets start from.
+
+    Only the seeds in `need` (default: all) are built. Each warm start's fingerprint is kept
+    in ``kept/sft/seed<k>.json``; one rebuilt later (another machine, a lost scratch directory)
+    must match it, else `RuntimeError`: the seed's runs would not share one start."""
     base = load_config(overrides=[])
     sft = proto["base"].get("sft", {})
     model = proto["base"].get("model", {}).get("name", base.model.name)
     enabled = sft.get("enabled", model == "tiny")
     if not enabled:
         return {s: None for s in all_seeds(proto)}
-    out: dict[int, str | None] = {}
+    out: dict[int, str | None] = {s: str(root / "sft" / f"seed{s}" / "sft_model") for s in all_seeds(proto)}
 
-    def one(seed: int) -> tuple[int, str]:
+    def one(seed: int) -> None:
         run_dir = root / "sft" / f"seed{seed}"
         policy = run_dir / "sft_model"  # a plain model directory (LoRA adapters merged)
         if not (policy / "config.json").exists():
@@ -147,11 +217,20 @@ def warm_starts(proto: dict, root: Path, jobs: int, threads: int) -> dict[int, s
             cfg = _write_config(tree, run_dir / "protocol.yaml")
             # no sft_model yet: any run files there are an interrupted attempt's, start it again
             _steppo(["sft", "--config", str(cfg), "--overwrite"], run_dir / "log.txt", threads)
-        return seed, str(policy)
+        digest = fingerprint(policy)
+        record = kept / "sft" / f"seed{seed}.json"
+        earlier = (_read_json(record) or {}).get("sha256")
+        if earlier is None:
+            _write_json(record, {"sha256": digest})
+        elif earlier != digest:
+            raise RuntimeError(
+                f"the warm start of seed {seed} ({policy}) is not the one this protocol's kept runs started "
+                f"from (weights sha256 {digest[:12]}, kept {earlier[:12]} in {record}): its runs would not be "
+                f"paired. Rebuild it where the kept runs ran (same code, torch and thread count), or start "
+                f"the seed over by removing {kept}/*/seed{seed} and {record}")
 
     with cf.ThreadPoolExecutor(jobs) as pool:
-        for seed, policy in pool.map(one, all_seeds(proto)):
-            out[seed] = policy
+        list(pool.map(one, all_seeds(proto) if need is None else need))
     return out
 
 
@@ -171,33 +250,69 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
         added["seeds"] = [s for s in added["seeds"] if s in seeds]
     out = Path(out_dir or Path("results") / proto["name"])
     root = Path(runs_dir or Path("runs") / "compare" / proto["name"])
+    kept = out / "runs"
     threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
-    starts = warm_starts(proto, root, jobs, threads)
+    starts: dict[int, str | None] = {}
+    walls: dict[tuple[str, int], float] = {}
 
     def one(item: tuple[str, int]) -> tuple[str, int, float]:
         preset, seed = item
-        run_dir = root / preset / f"seed{seed}"
-        if (run_dir / "done.json").exists():
-            return preset, seed, json.loads((run_dir / "done.json").read_text())["wall_s"]
-        cfg = _write_config(run_config(proto, preset, seed, run_dir, starts[seed]), run_dir / "protocol.yaml")
-        args = ["train", "--config", str(cfg)]
-        # an interrupted run continues (from its newest intact checkpoint, or from iteration 0
-        # when it had none); --overwrite only clears a directory without a run's config
-        args.append("--resume" if (run_dir / "config.yaml").exists() else "--overwrite")
-        wall = _steppo(args, run_dir / "log.txt", threads)
-        (run_dir / "done.json").write_text(json.dumps({"wall_s": wall}))
-        return preset, seed, wall
+        run_dir, kept_dir = root / preset / f"seed{seed}", kept / preset / f"seed{seed}"
+        done = _read_json(kept_dir / "done.json")
+        if done is not None:
+            return preset, seed, done["wall_s"]
+        if _read_json(run_dir / "done.json") is None:
+            cfg = _write_config(run_config(proto, preset, seed, run_dir, starts[seed]), run_dir / "protocol.yaml")
+            args = ["train", "--config", str(cfg)]
+            # an interrupted run continues (from its newest intact checkpoint, or from iteration 0
+            # when it had none); --overwrite only clears a directory without a run's config
+            args.append("--resume" if (run_dir / "config.yaml").exists() else "--overwrite")
+            wall = _steppo(args, run_dir / "log.txt", threads)
+            _write_json(run_dir / "done.json", {"wall_s": wall})
+        keep_records(run_dir, kept_dir)
+        return preset, seed, _read_json(kept_dir / "done.json")["wall_s"]
 
-    walls: dict[tuple[str, int], float] = {}
-    runs = work(proto)
-    status = _Status(len(runs), jobs)
-    with cf.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(status.running, one, item) for item in runs]
-        for fut in cf.as_completed(futures):
-            preset, seed, wall = fut.result()
-            walls[(preset, seed)] = wall
-    zero = _zero_shot(proto, root, starts, threads) if proto.get("zero_shot") else None
-    results = collect(proto, root, walls, zero)
+    def play() -> None:
+        """Every run of `work(proto)` not kept yet (and the warm starts they need)."""
+        runs = work(proto)
+        left = [(p, s) for p, s in runs if _read_json(kept / p / f"seed{s}" / "done.json") is None]
+        left_zero = [s for s in all_seeds(proto) if proto.get("zero_shot")
+                     and _read_json(kept / "zero_shot" / f"seed{s}.json") is None]
+        need = sorted({s for _, s in left} | set(left_zero))
+        starts.update(warm_starts(proto, root, kept, jobs, threads, need=need))
+        status = _Status(len(runs), jobs)
+        with cf.ThreadPoolExecutor(jobs) as pool:
+            futures = [pool.submit(status.running, one, item) for item in runs]
+            for fut in cf.as_completed(futures):
+                preset, seed, wall = fut.result()
+                walls[(preset, seed)] = wall
+
+    play()
+    rule = proto.get("precision")
+    if rule is not None and (presets or seeds):
+        print("[compare] --presets / --seeds given: the precision rule is not applied", flush=True)
+    elif rule is not None:
+        # the pre-registered precision rule: blocks of seeds of the reference and the best
+        # baseline (fixed on the protocol's seeds) until the interval is narrow enough; it looks
+        # only at the interval's width, and a resumed comparison takes the same steps
+        checks = []
+        while True:
+            stats = statistics_of(collect(proto, kept, walls, None), rule["preset"])
+            best = stats["best_baseline"]
+            diff = (stats["paired"].get(best) or {}).get("greedy") if best else None
+            width = diff["half_width"] if diff else math.inf
+            checks.append({"best_baseline": best, "seeds": diff["seeds"] if diff else 0, "half_width": width})
+            block = list(range(max(all_seeds(proto)) + 1, max(all_seeds(proto)) + 1 + rule["block"]))
+            if width <= rule["half_width"] or best is None or block[-1] > rule["max_seed"]:
+                break
+            print(f"[compare] precision rule: {rule['preset']} - {best} half-width {width:.3f} > "
+                  f"{rule['half_width']}; adding seeds {block[0]}-{block[-1]} of both", flush=True)
+            added["presets"] = [p for p in proto["presets"] if p in {rule["preset"], best} | set(added["presets"])]
+            added["seeds"] = added["seeds"] + block
+            play()
+        proto["precision_checks"] = {**rule, "checks": checks, "met": checks[-1]["half_width"] <= rule["half_width"]}
+    zero = _zero_shot(proto, root, kept, starts, threads) if proto.get("zero_shot") else None
+    results = collect(proto, kept, walls, zero)
     write_results(results, out)
     return results
 
@@ -238,16 +353,19 @@ class _Status:
               f"{left - self.active} | elapsed {clock(elapsed)} | left {eta}", flush=True)
 
 
-def _zero_shot(proto: dict, root: Path, starts: dict, threads: int) -> dict[str, Any]:
-    """Held-out success of the starting policy (the warm start, or the base model), per seed."""
+def _zero_shot(proto: dict, root: Path, kept: Path, starts: dict, threads: int) -> dict[str, Any]:
+    """Held-out success of the starting policy (the warm start, or the base model), per seed;
+    kept in ``kept/zero_shot/seed<k>.json``."""
     rows = {}
     for seed in all_seeds(proto):
-        target = root / "zero_shot" / f"seed{seed}.json"
-        if not target.exists():
+        target = kept / "zero_shot" / f"seed{seed}.json"
+        if _read_json(target) is None:
             tree = _merge(proto["base"], {"run": {"seed": seed, "output_dir": str(root / "zero_shot"), "progress": False}})
             if starts[seed] is not None:
                 tree = _merge(tree, {"model": {"name": starts[seed]}, "sft": {"enabled": False}})
             cfg = _write_config(tree, root / "zero_shot" / f"seed{seed}.yaml")
-            _steppo(["eval", "--config", str(cfg), "--json", str(target)], root / "zero_shot" / f"seed{seed}.log", threads)
-        rows[seed] = json.loads(target.read_text())
+            scratch = root / "zero_shot" / f"seed{seed}.json"
+            _steppo(["eval", "--config", str(cfg), "--json", str(scratch)], root / "zero_shot" / f"seed{seed}.log", threads)
+            _write_json(target, json.loads(scratch.read_text()))
+        rows[seed] = _read_json(target)
     return rows

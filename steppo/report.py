@@ -126,7 +126,7 @@ def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str
             }
     return {"protocol": proto["name"], "presets": proto["presets"], "seeds": proto["seeds"],
             "added_seeds": proto.get("added_seeds"), "base": proto["base"], "runs": runs, "zero_shot": zero,
-            "contrast": proto.get("contrast")}
+            "contrast": proto.get("contrast"), "precision": proto.get("precision_checks")}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -448,6 +448,20 @@ def provenance(results: dict[str, Any]) -> str:
             f"{time_text}.\n")
 
 
+def precision_line(results: dict[str, Any]) -> str:
+    """What the protocol's precision rule did (Markdown; "" without one)."""
+    rule = results.get("precision")
+    if not rule:
+        return ""
+    steps = "; ".join(f"{c['seeds']} seeds: ±{100 * c['half_width']:.1f}" for c in rule["checks"])
+    last = rule["checks"][-1]
+    verdict = ("met" if rule["met"] else f"NOT met: the seed cap ({rule['max_seed']}) was reached"
+               if last["best_baseline"] else "not applicable: no baseline finished")
+    return (f"\nPrecision rule: blocks of {rule['block']} seeds of {rule['preset']} and the best baseline "
+            f"({last['best_baseline']}) until the greedy interval's half-width is at most "
+            f"±{100 * rule['half_width']:.1f} points (half-width in points by seeds: {steps}); {verdict}.\n")
+
+
 def contrast_table(stats: dict[str, Any]) -> str:
     c = stats.get("contrast")
     if not c:
@@ -488,7 +502,8 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     stats["contrast"] = _contrast_of(results, out)
     results["statistics"] = stats
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table(results) + statistics_tables(results, stats) + contrast_table(stats)
+    (out / "table.md").write_text(table(results) + statistics_tables(results, stats) + precision_line(results)
+                                  + contrast_table(stats)
                                   + per_seed_table(results)
                                   + provenance(results))
     plots(results, out)

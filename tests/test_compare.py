@@ -1,13 +1,23 @@
 """The comparison harness on a 1-iteration micro-protocol: equal budgets, results, table, plots."""
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from steppo.compare import _steppo, load_protocol, run_config, run_protocol, seeds_of, work
+from steppo.compare import (
+    RECORD_FILES,
+    _steppo,
+    fingerprint,
+    load_protocol,
+    run_config,
+    run_protocol,
+    seeds_of,
+    work,
+)
 from steppo.config import ConfigError
 from steppo.report import (
     contrast,
@@ -52,6 +62,11 @@ def test_run_config_sets_preset_seed_and_start(tmp_path):
 
 
 def test_micro_protocol_writes_results_table_and_plots(tmp_path):
+    _micro_protocol_checked(tmp_path)
+
+
+def _micro_protocol_checked(tmp_path):
+    """Runs the micro-protocol and checks its results; (results dir, runs dir, results.json)."""
     out, runs = tmp_path / "results", tmp_path / "runs"
     results = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=2)
 
@@ -99,6 +114,56 @@ def test_micro_protocol_writes_results_table_and_plots(tmp_path):
     mtime = (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime
     run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
     assert (runs / "steppo" / "seed0" / "metrics.jsonl").stat().st_mtime == mtime
+
+    # every finished run's records are kept beside the results (to be committed), checkpoints not
+    kept = out / "runs"
+    for preset in ("steppo", "grpo"):
+        names = sorted(f.name for f in (kept / preset / "seed0").iterdir())
+        assert names == sorted(RECORD_FILES)
+        for name in ("metrics.jsonl", "evals.jsonl", "run.json"):
+            assert (kept / preset / "seed0" / name).read_bytes() == (runs / preset / "seed0" / name).read_bytes()
+    assert json.loads((kept / "zero_shot" / "seed0.json").read_text()) == saved["zero_shot"]["0"]
+    digest = json.loads((kept / "sft" / "seed0.json").read_text())["sha256"]
+    assert digest == fingerprint(runs / "sft" / "seed0" / "sft_model")
+    return out, runs, saved
+
+
+def test_kept_records_resume_a_comparison_whose_scratch_is_lost(tmp_path):
+    """A new machine: only the repository (results/<name>/, with runs/) survived. Nothing is
+    trained again and the same results come back; a copy cut short is made again; a warm start
+    rebuilt differently stops the comparison before it trains on an unpaired start."""
+    out, runs, saved = _micro_protocol_checked(tmp_path)
+    kept = out / "runs"
+    shutil.rmtree(runs)
+    again = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
+    assert not runs.exists() or not any(runs.iterdir())  # no warm start, no run, no evaluation
+    for preset in ("steppo", "grpo"):
+        for key in ("final_success", "final_outcomes", "curve", "commits", "time_s", "critic_loss"):
+            assert again["runs"][preset]["0"][key] == saved["runs"][preset]["0"][key]
+    assert json.loads(json.dumps(again["zero_shot"])) == saved["zero_shot"]
+
+    # a run kept without its done.json (the copy was cut short) and a torn zero-shot row: the
+    # run is trained again (its scratch is gone), from the rebuilt warm start, which must be
+    # the kept one (the cloning is deterministic on one machine)
+    (kept / "grpo" / "seed0" / "done.json").unlink()
+    (kept / "grpo" / "seed0" / "metrics.jsonl").write_text('{"iteration": 0, "eval/succ')
+    (kept / "zero_shot" / "seed0.json").write_text('{"succ')
+    again = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
+    assert fingerprint(runs / "sft" / "seed0" / "sft_model") == json.loads((kept / "sft" / "seed0.json").read_text())["sha256"]
+    assert not (runs / "steppo").exists() and (runs / "grpo" / "seed0" / "done.json").exists()
+    assert (kept / "grpo" / "seed0" / "done.json").exists()
+    assert again["runs"]["grpo"]["0"]["final_outcomes"] == saved["runs"]["grpo"]["0"]["final_outcomes"]
+    for key in ("success", "score", "episodes", "steps_mean"):  # evaluated again: the same, but for its timings
+        assert again["zero_shot"][0][key] == saved["zero_shot"]["0"][key]
+
+    # a warm start that is not the kept one: a clear stop, nothing trained or kept
+    record = kept / "sft" / "seed0.json"
+    record.write_text(json.dumps({"sha256": "0" * 64}))
+    shutil.rmtree(kept / "grpo" / "seed0")
+    shutil.rmtree(runs / "grpo")
+    with pytest.raises(RuntimeError, match="would not be paired"):
+        run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
+    assert not (runs / "grpo").exists() and not (kept / "grpo" / "seed0").exists()
 
 
 def test_table_marks_best_mean_and_reports_std():
@@ -241,3 +306,46 @@ def test_run_time_counts_updates_and_evaluations_by_hand():
     # 3 + 100/50 (a record from before eval/time_s: generated tokens / tokens per s) + 2 + 4 + 1.5
     assert run_time(records) == 12.5
     assert run_time([]) == 0.0
+
+
+def _keep_fabricated(kept, preset, seed, outcomes):
+    """Kept records of a finished run whose final greedy outcomes are `outcomes` (no training:
+    `steppo compare` treats kept records as a finished run)."""
+    d = kept / preset / f"seed{seed}"
+    d.mkdir(parents=True)
+    success = outcomes.count("1") / len(outcomes)
+    (d / "metrics.jsonl").write_text(json.dumps({"iteration": 0, "env_steps": 0, "eval/success": 0.0}) + "\n"
+                                     + json.dumps({"iteration": 1, "env_steps": 10, "eval/success": success}) + "\n")
+    (d / "evals.jsonl").write_text(json.dumps({"iteration": 1, "mode": "greedy", "outcomes": outcomes}) + "\n")
+    (d / "done.json").write_text(json.dumps({"wall_s": 1.0}))
+
+
+@pytest.mark.parametrize("half_width, checks, met", [(0.035, 2, True), (0.01, 3, False)])
+def test_precision_rule_adds_blocks_of_the_reference_and_best_baseline(tmp_path, half_width, checks, met):
+    # 400 tasks; steppo succeeds on the first 300, grpo on the first 100 (d = +1 on 200 tasks, 0
+    # on 200: sd of the mean 0.025 / sqrt(seeds), half-width ~0.049, 0.028, 0.022 at 1, 3, 5 seeds)
+    out = tmp_path / "results"
+    kept = out / "runs"
+    for seed in range(5):
+        _keep_fabricated(kept, "steppo", seed, "1" * 300 + "0" * 100)
+        _keep_fabricated(kept, "grpo", seed, "1" * 100 + "0" * 300)
+    _keep_fabricated(kept, "rloo", 0, "1" * 50 + "0" * 350)  # worse than grpo on seed 0
+    path = _protocol(tmp_path, presets=["steppo", "grpo", "rloo"],
+                     precision={"half_width": half_width, "block": 2, "max_seed": 4})
+    results = run_protocol(path, out_dir=out, runs_dir=tmp_path / "runs", jobs=1, threads=1)
+    rule = results["precision"]
+    assert [c["seeds"] for c in rule["checks"]] == [1, 3, 5][:checks] and rule["met"] is met
+    assert all(c["best_baseline"] == "grpo" for c in rule["checks"])
+    assert [c["half_width"] > half_width for c in rule["checks"]] == [True] * (checks - 1) + [not met]
+    assert results["added_seeds"] == {"presets": ["steppo", "grpo"], "seeds": [1, 2, 3, 4][:2 * (checks - 1)]}
+    assert sorted(results["runs"]["steppo"]) == [str(s) for s in range(2 * checks - 1)] and list(results["runs"]["rloo"]) == ["0"]
+    assert not (tmp_path / "runs").exists()  # nothing trained: every run was kept
+    line = next(x for x in (out / "table.md").read_text().splitlines() if x.startswith("Precision rule"))
+    assert ("; met." in line) is met and ("NOT met: the seed cap (4)" in line) is (not met) and "(grpo)" in line
+
+
+@pytest.mark.parametrize("bad", [{"half_width": 0}, {"half_width": 0.05, "max_seed": 9, "preset": "ppo"},
+                                 {"half_width": 0.05, "max_seed": 9, "blocks": 5}, [0.05]])
+def test_protocol_rejects_a_malformed_precision_rule(tmp_path, bad):
+    with pytest.raises(ConfigError, match="precision must be"):
+        load_protocol(_protocol(tmp_path, precision=bad))

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The pre-registered protocols (issue 16), in the background, in order: compass, smollm2-searchqa,
+# compass-long. They run from a clone at one commit (the commit the kept runs ran at, else HEAD)
+# and keep each finished run's records in THIS checkout's results/<protocol>/runs/, which are
+# committed every 10 minutes, so a later session on a fresh machine resumes from the repository.
+#   scripts/evidence.sh start | status | pause | resume
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=${EVIDENCE_DIR:-$repo/../evidence}
+protocols=(compass smollm2-searchqa compass-long)
+
+pinned() {  # the commit of the kept runs (all must agree), else HEAD
+  local c
+  c=$(python3 - "$repo" <<'PY'
+import json, pathlib, sys
+seen = set()
+for f in pathlib.Path(sys.argv[1], "results").glob("*/runs/*/seed*/run.json"):
+    seen |= {a.get("commit") for a in json.loads(f.read_text()).get("attempts", [])}
+seen.discard(None)
+if len(seen) > 1:
+    sys.exit(f"kept runs ran at several commits: {sorted(seen)}")
+print(seen.pop() if seen else "")
+PY
+)
+  echo "${c:-$(git -C "$repo" rev-parse HEAD)}"
+}
+
+case "${1:-status}" in
+  start)
+    commit=$(pinned)
+    if [ ! -d "$work/.git" ]; then git clone -q "$repo" "$work"; fi
+    git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
+    (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e .)
+    cat > "$work/driver.sh" <<DRV
+#!/usr/bin/env bash
+cd "$work"
+( while sleep 600; do
+    git -C "$repo" add results/ && git -C "$repo" commit -q -m "evidence: kept run records (\$(ls -d $repo/results/*/runs/*/seed*/ 2>/dev/null | wc -l) runs)" -- results/ || true
+  done ) &
+for p in ${protocols[*]}; do
+  .venv/bin/python -m steppo.cli compare configs/compare/\$p.yaml --jobs 2 --out "$repo/results/\$p" >> "$work/\$p.log" 2>&1 || echo "\$p failed (\$?)" >> "$work/driver.log"
+done
+git -C "$repo" add results/ && git -C "$repo" commit -q -m "evidence: every protocol finished" -- results/ || true
+DRV
+    chmod +x "$work/driver.sh"
+    (setsid nohup "$work/driver.sh" >> "$work/driver.log" 2>&1 &)
+    echo "started at $commit; logs in $work/*.log";;
+  status) pgrep -af "steppo.cli compare" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
+  pause) pkill -STOP -f "steppo.cli" && echo "paused $(date -u)" >> "$work/pauses.txt";;
+  resume) pkill -CONT -f "steppo.cli" && echo "resumed $(date -u)" >> "$work/pauses.txt";;
+  *) echo "usage: $0 start | status | pause | resume" >&2; exit 2;;
+esac
