@@ -55,6 +55,7 @@ import yaml
 
 from steppo.config import ConfigError, load_config
 from steppo.core.algorithms import PRESETS
+from steppo.paths import write_text_atomic
 from steppo.report import collect, statistics_of, write_results
 
 RECORD_FILES = ("run.json", "config.yaml", "protocol.yaml", "metrics.jsonl", "evals.jsonl", "done.json")
@@ -81,10 +82,7 @@ def _read_json(path: Path) -> Any | None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1))
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -302,7 +300,8 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
             diff = (stats["paired"].get(best) or {}).get("greedy") if best else None
             width = diff["half_width"] if diff else math.inf
             checks.append({"best_baseline": best, "seeds": diff["seeds"] if diff else 0, "half_width": width})
-            block = list(range(max(all_seeds(proto)) + 1, max(all_seeds(proto)) + 1 + rule["block"]))
+            first = max(all_seeds(proto)) + 1
+            block = list(range(first, first + rule["block"]))
             if width <= rule["half_width"] or best is None or block[-1] > rule["max_seed"]:
                 break
             print(f"[compare] precision rule: {rule['preset']} - {best} half-width {width:.3f} > "

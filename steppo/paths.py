@@ -1,4 +1,5 @@
-"""Where StepPO keeps caches and looks for datasets (both overridable, nothing hard-coded).
+"""Where StepPO keeps caches and looks for datasets (both overridable, nothing hard-coded), and
+the one way it writes a record file atomically (`write_text_atomic`).
 
 * cache: ``$STEPPO_CACHE``, else ``~/.cache/steppo`` (converted models, generated games, indexes).
 * data: ``$STEPPO_DATA``, else a ``shared/data`` folder next to the repository checkout (the
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -37,3 +39,19 @@ def require_data(subdir: str, explicit: str | os.PathLike | None, what: str) -> 
             f"data_dir=... or set STEPPO_DATA to a folder holding {subdir}/"
         )
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a run killed mid-write) sees the old file or
+    the new one, never a torn one: a temporary file beside it, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from steppo.paths import write_text_atomic
+
 if TYPE_CHECKING:
     from steppo.trainer.trainer import Trainer
 
@@ -73,15 +75,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -179,14 +172,14 @@ def save_checkpoint(
             "format": FORMAT, "iteration": iteration, "run_id": run_id,
             "files": {rel: {"size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in _files(tmp).items()},
         }
-        _write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: marks it complete
+        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: marks it complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, final.name)
+    write_text_atomic(root / LATEST, final.name)
     prune(root, keep, run_id, final)
     return final
 

@@ -8,7 +8,6 @@ A directory holds a run when it has any of `RUN_FILES`; other files (a compariso
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from steppo.core.algorithms import ConfigError
+from steppo.paths import write_text_atomic
 from steppo.trainer import checkpoint as ckpt
 
 # What makes a directory a run's (other files, e.g. a comparison's protocol.yaml, are left alone).
@@ -99,9 +99,7 @@ def record_attempt(out: Path, from_iteration: int) -> None:
     info.setdefault("attempts", []).append(
         {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from_iteration": from_iteration,
          **code_version()})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(info) + "\n")
 
 
 def clean_for_resume(out: Path, run_id: str | None, resume_from: Path | None, broken: list[Path],
