@@ -349,3 +349,19 @@ def test_precision_rule_adds_blocks_of_the_reference_and_best_baseline(tmp_path,
 def test_protocol_rejects_a_malformed_precision_rule(tmp_path, bad):
     with pytest.raises(ConfigError, match="precision must be"):
         load_protocol(_protocol(tmp_path, precision=bad))
+
+
+@pytest.mark.parametrize("record", [*(f"steppo/seed0/{name}" for name in RECORD_FILES),
+                                    "zero_shot/seed0.json", "sft/seed0.json"])
+def test_kept_records_are_not_ignored_by_git(record):
+    """The kept runs are the evidence a later machine resumes from: git must commit them (a
+    ``runs/`` ignore rule once swallowed them), while scratch run directories stay ignored."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(rel: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", rel], cwd=root).returncode == 0
+
+    assert not ignored(f"results/compass/runs/{record}")
+    assert ignored("runs/compare/compass/steppo/seed0/run.json")
