@@ -365,3 +365,34 @@ def test_kept_records_are_not_ignored_by_git(record):
 
     assert not ignored(f"results/compass/runs/{record}")
     assert ignored("runs/compare/compass/steppo/seed0/run.json")
+
+
+def _evidence_commit(tmp_path: Path, runs: dict[str, str]) -> subprocess.CompletedProcess:
+    """`scripts/evidence.sh commit` in a throwaway repository holding these kept run.json texts."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh", repo / "scripts")
+    for rel, text in runs.items():
+        (repo / "results" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "results" / rel).write_text(text)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    return subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "commit"], capture_output=True, text=True)
+
+
+def _attempts(*commits: str) -> str:
+    return json.dumps({"attempts": [{"commit": c} for c in commits]})
+
+
+def test_evidence_runs_at_the_kept_runs_commit_and_refuses_a_mix(tmp_path):
+    head = _evidence_commit(tmp_path / "a", {})
+    assert head.returncode == 0 and len(head.stdout.strip()) == 40  # nothing kept: HEAD
+    one = _evidence_commit(tmp_path / "b", {"p/runs/steppo/seed0/run.json": _attempts("c1", "c1"),
+                                            "q/runs/ppo/seed3/run.json": _attempts("c1")})
+    assert (one.returncode, one.stdout.strip()) == (0, "c1")
+    mixed = _evidence_commit(tmp_path / "c", {"p/runs/steppo/seed0/run.json": _attempts("c1"),
+                                              "p/runs/ppo/seed0/run.json": _attempts("c2")})
+    assert mixed.returncode != 0 and "several commits" in mixed.stderr and not mixed.stdout.strip()
+    torn = _evidence_commit(tmp_path / "d", {"p/runs/steppo/seed0/run.json": '{"attempts": [{"comm'})
+    assert torn.returncode != 0 and "is torn" in torn.stderr and not torn.stdout.strip()
