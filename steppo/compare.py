@@ -44,7 +44,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -68,9 +67,7 @@ def keep_records(run_dir: Path, kept: Path) -> None:
     (kept / "done.json").unlink(missing_ok=True)
     for name in RECORD_FILES:
         if (run_dir / name).exists():
-            tmp = kept / f".{name}.tmp"
-            shutil.copyfile(run_dir / name, tmp)
-            os.replace(tmp, kept / name)
+            write_text_atomic(kept / name, (run_dir / name).read_text())
 
 
 def _read_json(path: Path) -> Any | None:
