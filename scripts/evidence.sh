@@ -37,7 +37,7 @@ case "${1:-status}" in
     commit=$(pinned) || exit 1
     if [ ! -d "$work/.git" ]; then git clone -q "$repo" "$work"; fi
     git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
-    (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e .)
+    (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models]")
     cat > "$work/driver.sh" <<DRV
 #!/usr/bin/env bash
 cd "$work"
