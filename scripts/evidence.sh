@@ -6,7 +6,13 @@
 # The protocols are read at that commit too: they are pre-registered, a later edit does not reach
 # runs already under way. Every run uses one torch thread on every machine, so a warm start rebuilt
 # on another machine can match the fingerprint its seed's kept runs started from.
+# Behaviour cloning is not bitwise reproducible across CPUs, so on a new machine a warm start
+# rebuilt for a seed may differ from the one its kept runs started from: before each start the kept
+# records are tidied with this checkout's steppo.compare.tidy_kept (each seed's starting row from its
+# kept runs, so a finished seed needs no warm start; a fingerprint no kept run depends on dropped),
+# and a seed whose kept runs started from a lost warm start stops its protocol with the fix.
 #   scripts/evidence.sh start | status | pause | resume | commit (the commit a start would run at)
+#                     | tidy (what start does to the kept records; needs the evidence venv)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${EVIDENCE_DIR:-$repo/../evidence}
@@ -31,6 +37,22 @@ PY
   echo "${c:-$(git -C "$repo" rev-parse HEAD)}"
 }
 
+tidy() {  # $1 = drop (at start, nothing running) or rows (while runs are under way)
+  PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$1" "${protocols[@]}" <<'PY'
+import sys
+from pathlib import Path
+
+from steppo.compare import load_protocol, tidy_kept
+
+repo, drop = Path(sys.argv[1]), sys.argv[2] == "drop"
+for name in sys.argv[3:]:
+    kept = repo / "results" / name / "runs"
+    if kept.is_dir():
+        rows = tidy_kept(load_protocol(repo / "configs" / "compare" / f"{name}.yaml"), kept, drop_unused_fingerprints=drop)
+        print(f"{name}: starting rows of seeds {sorted(rows)}")
+PY
+}
+
 case "${1:-status}" in
   start)
     if pgrep -f "steppo.cli compare" > /dev/null; then echo "already running (scripts/evidence.sh status)" >&2; exit 1; fi
@@ -38,15 +60,17 @@ case "${1:-status}" in
     if [ ! -d "$work/.git" ]; then git clone -q "$repo" "$work"; fi
     git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
     (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models]")
+    tidy drop || { echo "tidying the kept records failed (above): fix them, then start again" >&2; exit 1; }
     cat > "$work/driver.sh" <<DRV
 #!/usr/bin/env bash
 cd "$work"
 keep() {  # commit results/ in the main checkout when it changed; say so when a commit fails
+  bash "$repo/scripts/evidence.sh" tidy-rows >> "$work/driver.log" 2>&1 || echo "\$(date -u) tidy failed (above)" >> "$work/driver.log"
   git -C "$repo" add results/ && { git -C "$repo" diff --cached --quiet -- results/ ||
     git -C "$repo" commit -q -m "evidence: \$1" -- results/ ||
     echo "\$(date -u) commit failed (next try in 10 min)" >> "$work/driver.log"; }
 }
-( while sleep 600; do keep "kept run records (\$(ls -d $repo/results/*/runs/*/seed*/ 2>/dev/null | wc -l) runs)"; done ) &
+( while sleep 600; do keep "kept run records (\$(ls $repo/results/*/runs/*/seed*/done.json 2>/dev/null | wc -l) runs)"; done ) &
 loop=\$!
 trap 'kill \$loop 2>/dev/null' EXIT
 for p in ${protocols[*]}; do
@@ -58,8 +82,11 @@ DRV
     (setsid nohup "$work/driver.sh" >> "$work/driver.log" 2>&1 &)
     echo "started at $commit; logs in $work/*.log";;
   commit) commit=$(pinned) || exit 1; echo "$commit";;  # what start runs at
+  tidy) if pgrep -f "steppo.cli compare" > /dev/null; then echo "runs are under way: only tidy-rows is safe now" >&2; exit 1; fi
+        tidy drop;;
+  tidy-rows) tidy rows;;  # the driver's, every 10 minutes
   status) pgrep -af "steppo.cli compare" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
   pause) pkill -STOP -f "steppo.cli" && echo "paused $(date -u)" >> "$work/pauses.txt";;
   resume) pkill -CONT -f "steppo.cli" && echo "resumed $(date -u)" >> "$work/pauses.txt";;
-  *) echo "usage: $0 start | status | pause | resume | commit" >&2; exit 2;;
+  *) echo "usage: $0 start | status | pause | resume | commit | tidy" >&2; exit 2;;
 esac

@@ -7,7 +7,7 @@ A protocol is a YAML file (see ``configs/compare/``)::
     seeds: [0, 1, 2]
     base: {...}                           # a run config every run shares (env, model, trainer, ...)
     preset_overrides: {gspo: {algo: {clip_high: 4.0e-4}}}   # optional, per preset
-    zero_shot: true                       # also evaluate the starting policy (a zero-shot row)
+    zero_shot: true                       # also report the starting policy (its before-RL row)
     contrast: {protocol: compass, a: steppo, b: ppo}   # optional: does a - b here differ from compass's?
     added_seeds: {presets: [steppo, ppo], seeds: [5, 6]}  # optional: more seeds for some presets
                                           # (a precision rule); "best baseline" stays on `seeds`
@@ -25,11 +25,14 @@ Held-out success is measured every ``trainer.eval_interval`` iterations.
 
 Each finished run's records (``RECORD_FILES``: metrics, held-out outcomes, configs, commits; not
 its checkpoints) are kept in ``results/<name>/runs/<preset>/seed<k>/`` the moment it finishes,
-with each seed's zero-shot row and a fingerprint of its warm start: a directory meant to be
+with each seed's starting row and a fingerprint of its warm start: a directory meant to be
 committed, so a comparison that outlives its machine resumes from the repository alone. A run is
-done when its kept records are; ``runs/compare/<name>/`` (checkpoints, samples) is scratch. A warm
-start rebuilt on another machine must match the kept fingerprint, or the comparison stops: runs of
-that seed would no longer be paired.
+done when its kept records are; ``runs/compare/<name>/`` (checkpoints, samples) is scratch. The
+starting policy's row is the before-RL evaluation every run makes (`starting_rows`, which also
+checks that a seed's runs started from one policy), so a seed whose runs are all kept needs no
+warm start again. A warm start rebuilt on another machine must match the kept fingerprint once a
+kept run started from it, or the comparison stops: runs of that seed would no longer be paired
+(behaviour cloning is not bitwise reproducible across CPUs; `tidy_kept`).
 
 Writes ``results/<name>/``: ``results.json`` (per preset and seed: held-out success curve vs
 environment steps, final success, critic loss curve, mean advantage by step index),
@@ -54,7 +57,7 @@ import yaml
 
 from steppo.config import ConfigError, load_config
 from steppo.core.algorithms import PRESETS
-from steppo.paths import write_text_atomic
+from steppo.paths import read_jsonl, write_text_atomic
 from steppo.report import collect, statistics_of, write_results
 
 RECORD_FILES = ("run.json", "config.yaml", "protocol.yaml", "metrics.jsonl", "evals.jsonl", "done.json")
@@ -137,7 +140,7 @@ def seeds_of(proto: dict, preset: str) -> list[int]:
 
 
 def all_seeds(proto: dict) -> list[int]:
-    """Every seed some preset runs (each gets a warm start and a zero-shot row)."""
+    """Every seed some preset runs (each gets a warm start and a starting row)."""
     added = proto["added_seeds"]
     return list(proto["seeds"]) + (list(added["seeds"]) if added["presets"] else [])
 
@@ -195,7 +198,8 @@ def warm_starts(proto: dict, root: Path, kept: Path, jobs: int, threads: int,
 
     Only the seeds in `need` (default: all) are built. Each warm start's fingerprint is kept
     in ``kept/sft/seed<k>.json``; one rebuilt later (another machine, a lost scratch directory)
-    must match it, else `RuntimeError`: the seed's runs would not share one start."""
+    must match it, else `RuntimeError` (the seed's runs would not share one start) and no other
+    warm start is begun. `tidy_kept` drops a fingerprint no kept run depends on before a start."""
     base = load_config(overrides=[])
     sft = proto["base"].get("sft", {})
     model = proto["base"].get("model", {}).get("name", base.model.name)
@@ -221,11 +225,19 @@ def warm_starts(proto: dict, root: Path, kept: Path, jobs: int, threads: int,
             raise RuntimeError(
                 f"the warm start of seed {seed} ({policy}) is not the one this protocol's kept runs started "
                 f"from (weights sha256 {digest[:12]}, kept {earlier[:12]} in {record}): its runs would not be "
-                f"paired. Rebuild it where the kept runs ran (same code, torch and thread count), or start "
-                f"the seed over by removing {kept}/*/seed{seed} and {record}")
+                f"paired. Rebuild it where the kept runs ran (same code, torch and thread count, and the same "
+                f"machine: behaviour cloning is not bitwise reproducible across CPUs), or start the seed over "
+                f"by removing {kept}/*/seed{seed} and {record}")
 
     with cf.ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, all_seeds(proto) if need is None else need))
+        futures = [pool.submit(one, s) for s in (all_seeds(proto) if need is None else need)]
+        try:
+            for fut in cf.as_completed(futures):
+                fut.result()
+        except BaseException:
+            for fut in futures:  # a mismatch stops here: no further warm start is built for nothing
+                fut.cancel()
+            raise
     return out
 
 
@@ -271,10 +283,8 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
         """Every run of `work(proto)` not kept yet (and the warm starts they need)."""
         runs = work(proto)
         left = [(p, s) for p, s in runs if _read_json(kept / p / f"seed{s}" / "done.json") is None]
-        left_zero = [s for s in all_seeds(proto) if proto.get("zero_shot")
-                     and _read_json(kept / "zero_shot" / f"seed{s}.json") is None]
-        need = sorted({s for _, s in left} | set(left_zero))
-        starts.update(warm_starts(proto, root, kept, jobs, threads, need=need))
+        # a warm start only for seeds with runs left (the starting rows come from the runs)
+        starts.update(warm_starts(proto, root, kept, jobs, threads, need=sorted({s for _, s in left})))
         status = _Status(len(runs), jobs)
         with cf.ThreadPoolExecutor(jobs) as pool:
             futures = [pool.submit(status.running, one, item) for item in runs]
@@ -282,6 +292,7 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
                 preset, seed, wall = fut.result()
                 walls[(preset, seed)] = wall
 
+    tidy_kept(proto, kept)
     play()
     rule = proto.get("precision")
     if rule is not None and (presets or seeds):
@@ -307,7 +318,8 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
             added["seeds"] = added["seeds"] + block
             play()
         proto["precision_checks"] = {**rule, "checks": checks, "met": checks[-1]["half_width"] <= rule["half_width"]}
-    zero = _zero_shot(proto, root, kept, starts, threads) if proto.get("zero_shot") else None
+    rows = tidy_kept(proto, kept, drop_unused_fingerprints=False)
+    zero = {s: rows[s] for s in all_seeds(proto) if s in rows} if proto.get("zero_shot") else None
     results = collect(proto, kept, walls, zero)
     write_results(results, out)
     return results
@@ -349,19 +361,69 @@ class _Status:
               f"{left - self.active} | elapsed {clock(elapsed)} | left {eta}", flush=True)
 
 
-def _zero_shot(proto: dict, root: Path, kept: Path, starts: dict, threads: int) -> dict[str, Any]:
-    """Held-out success of the starting policy (the warm start, or the base model), per seed;
-    kept in ``kept/zero_shot/seed<k>.json``."""
-    rows = {}
-    for seed in all_seeds(proto):
+def _seed_dirs(proto: dict, kept: Path) -> dict[int, list[Path]]:
+    """Kept, finished runs (``done.json``) of the protocol's presets, by seed; any seed found on
+    disk, so the blocks a precision rule added are included."""
+    by_seed: dict[int, list[Path]] = {}
+    for preset in proto["presets"]:
+        for run in sorted((kept / preset).glob("seed*")):
+            if run.name[4:].isdigit() and _read_json(run / "done.json") is not None:
+                by_seed.setdefault(int(run.name[4:]), []).append(run)
+    return dict(sorted(by_seed.items()))
+
+
+def starting_rows(proto: dict, kept: Path) -> dict[int, dict[str, Any]]:
+    """Held-out success of the starting policy (the seed's warm start, or the base model), per
+    seed, from the before-RL evaluation (iteration 0) every run makes of the policy it starts
+    from: no evaluation of its own, so no warm start is needed once a seed's runs are kept.
+
+    It is also the pairing check: every kept run of a seed must have the same before-RL outcomes,
+    task for task (greedy and sampled), else `RuntimeError` (those runs did not start from one
+    policy, so their paired differences would be meaningless)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for seed, runs in _seed_dirs(proto, kept).items():
+        seen: dict[str, list[str]] = {}  # the before-RL outcomes (by mode, as JSON) -> runs with them
+        before: dict[str, Any] = {}
+        for run in runs:
+            outcomes = {r["mode"]: r["outcomes"] for r in read_jsonl(run / "evals.jsonl") if r.get("iteration") == 0}
+            metrics = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("iteration") == 0 and "eval/success" in r]
+            if not outcomes or not metrics:
+                continue  # records from before evals.jsonl existed: nothing to check or report
+            seen.setdefault(json.dumps(outcomes, sort_keys=True), []).append(run.parent.name)
+            before = metrics[-1]  # the last wins (a run restarted from iteration 0 evaluated again)
+        if len(seen) > 1:
+            groups = "; ".join(", ".join(names) for names in seen.values())
+            raise RuntimeError(
+                f"the kept runs of seed {seed} in {kept} did not start from the same policy: their before-RL "
+                f"held-out outcomes differ between these groups of presets: {groups}. They cannot be paired; "
+                f"remove the seed's runs that did not start from its kept warm start (see {kept}/sft/seed{seed}.json)")
+        if seen:
+            rows[seed] = {"success": before["eval/success"], "success_sampled": before.get("eval_sampled/success"),
+                          "episodes": before.get("eval/episodes"), "runs": next(iter(seen.values())),
+                          "from": "the before-RL (iteration 0) held-out evaluation of the seed's kept runs, "
+                                  "identical task for task in all of them"}
+    return rows
+
+
+def tidy_kept(proto: dict, kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, dict[str, Any]]:
+    """Bring a protocol's kept records up to date before its runs (re)start; the starting rows.
+
+    Each seed's starting row (`starting_rows`) is kept in ``kept/zero_shot/seed<k>.json`` (made
+    again where it is missing, torn or out of date: a run kept since adds to its ``runs``). With `drop_unused_fingerprints` (only while no run of the protocol is
+    under way), a warm start's fingerprint that no kept run depends on yet is dropped: a warm
+    start rebuilt on another machine (behaviour cloning is not bitwise reproducible across CPUs)
+    is then taken as the seed's start instead of stopping the comparison, since no kept run
+    started from the old one."""
+    rows = starting_rows(proto, kept)
+    for seed, row in rows.items():
         target = kept / "zero_shot" / f"seed{seed}.json"
-        if _read_json(target) is None:
-            tree = _merge(proto["base"], {"run": {"seed": seed, "output_dir": str(root / "zero_shot"), "progress": False}})
-            if starts[seed] is not None:
-                tree = _merge(tree, {"model": {"name": starts[seed]}, "sft": {"enabled": False}})
-            cfg = _write_config(tree, root / "zero_shot" / f"seed{seed}.yaml")
-            scratch = root / "zero_shot" / f"seed{seed}.json"
-            _steppo(["eval", "--config", str(cfg), "--json", str(scratch)], root / "zero_shot" / f"seed{seed}.log", threads)
-            _write_json(target, json.loads(scratch.read_text()))
-        rows[seed] = _read_json(target)
+        if _read_json(target) != row:
+            _write_json(target, row)
+    if drop_unused_fingerprints:
+        for record in sorted((kept / "sft").glob("seed*.json")):
+            seed = record.stem[4:]
+            if seed.isdigit() and int(seed) not in _seed_dirs(proto, kept):
+                print(f"[compare] {record}: no kept run started from this warm start; its fingerprint is dropped "
+                      f"(the seed's next warm start is recorded instead)", flush=True)
+                record.unlink()
     return rows

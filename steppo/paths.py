@@ -1,5 +1,6 @@
 """Where StepPO keeps caches and looks for datasets (both overridable, nothing hard-coded), and
-the one way it writes a record file atomically (`write_text_atomic`).
+the one way it writes a record file atomically (`write_text_atomic`) and reads a JSON-lines
+record (`read_jsonl`).
 
 * cache: ``$STEPPO_CACHE``, else ``~/.cache/steppo`` (converted models, generated games, indexes).
 * data: ``$STEPPO_DATA``, else a ``shared/data`` folder next to the repository checkout (the
@@ -9,9 +10,11 @@ the one way it writes a record file atomically (`write_text_atomic`).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def default_cache_dir() -> Path:
@@ -55,3 +58,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` record (absent file: none; torn or non-object lines,
+    e.g. the last line of a run killed mid-write, are skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from steppo.paths import read_jsonl
+
 # Presets whose MDP is step-level: their per-step advantages are plotted by step index.
 STEP_LEVEL = ("steppo", "steppo_no_step_gae", "steppo_no_step_is", "gigpo", "lightningrl")
 # One colour per preset in every figure.
@@ -37,23 +39,10 @@ RESAMPLES = 10_000
 THRESHOLD_GAIN = 0.10
 
 
-def _records(path: Path) -> list[dict]:
-    """The JSON lines of `path` (torn lines skipped), [] when it is missing."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
 def _final_outcomes(run_dir: Path, iteration: int | None) -> dict[str, str]:
     """Per-task outcome strings of the evaluation at `iteration`, by mode (greedy / sampled)."""
     found: dict[str, str] = {}
-    for r in _records(run_dir / "evals.jsonl"):
+    for r in read_jsonl(run_dir / "evals.jsonl"):
         if r.get("iteration") == iteration:
             found[r["mode"]] = r["outcomes"]  # the last record wins (a resumed run re-evaluates)
     return found
@@ -101,7 +90,7 @@ def collect(proto: dict, root: Path, walls: dict, zero: dict | None) -> dict[str
         runs[preset] = {}
         for seed in seeds_of(proto, preset):
             run_dir = root / preset / f"seed{seed}"
-            records = _records(run_dir / "metrics.jsonl")
+            records = read_jsonl(run_dir / "metrics.jsonl")
             evals = [r for r in records if r.get("eval/success") is not None]
             adv_keys = sorted({k for r in records for k in r if k.startswith("credit/advantage_step")},
                               key=lambda k: int(k.rsplit("step", 1)[1]))
@@ -275,8 +264,8 @@ def table(results: dict[str, Any]) -> str:
     ]
     if results.get("zero_shot"):
         zs = list(results["zero_shot"].values())
-        lines.append(f"| starting policy (no RL) | {_fmt_ms(_mean_std([z['success'] for z in zs]))} | - | 0 | - "
-                     f"| {len(zs)} |")
+        greedy, sampled = (_fmt_ms(_mean_std([z.get(k) for z in zs])) for k in ("success", "success_sampled"))
+        lines.append(f"| starting policy (no RL) | {greedy} | {sampled} | 0 | - | {len(zs)} |")
     for preset, g, smp, steps, run_s, seeds in rows:
         time_text = "-" if math.isnan(run_s[0]) else f"{run_s[0]:.0f}"
         lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {time_text} | {seeds} |")

@@ -1,8 +1,10 @@
 """The comparison harness on a 1-iteration micro-protocol: equal budgets, results, table, plots."""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from steppo.compare import (
     run_config,
     run_protocol,
     seeds_of,
+    starting_rows,
+    tidy_kept,
     work,
 )
 from steppo.config import ConfigError
@@ -153,10 +157,13 @@ def test_kept_records_resume_a_comparison_whose_scratch_is_lost(tmp_path):
     assert not (runs / "steppo").exists() and (runs / "grpo" / "seed0" / "done.json").exists()
     assert (kept / "grpo" / "seed0" / "done.json").exists()
     assert again["runs"]["grpo"]["0"]["final_outcomes"] == saved["runs"]["grpo"]["0"]["final_outcomes"]
-    for key in ("success", "score", "episodes", "steps_mean"):  # evaluated again: the same, but for its timings
+    # the torn starting row is made again from the runs' before-RL evaluations (no evaluation of its own)
+    assert again["zero_shot"][0] == json.loads((kept / "zero_shot" / "seed0.json").read_text())
+    for key in ("success", "success_sampled", "episodes", "runs"):
         assert again["zero_shot"][0][key] == saved["zero_shot"]["0"][key]
 
-    # a warm start that is not the kept one: a clear stop, nothing trained or kept
+    # a warm start that is not the kept one while a kept run started from it: a clear stop,
+    # nothing trained or kept
     record = kept / "sft" / "seed0.json"
     record.write_text(json.dumps({"sha256": "0" * 64}))
     shutil.rmtree(kept / "grpo" / "seed0")
@@ -164,6 +171,72 @@ def test_kept_records_resume_a_comparison_whose_scratch_is_lost(tmp_path):
     with pytest.raises(RuntimeError, match="would not be paired"):
         run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
     assert not (runs / "grpo").exists() and not (kept / "grpo" / "seed0").exists()
+
+    # ... but once no kept run started from it (a new machine, before any run of the seed was
+    # kept), the fingerprint binds nothing: the seed's new warm start is recorded and trained from
+    shutil.rmtree(kept / "steppo" / "seed0")  # (its scratch went with the first machine above)
+    (kept / "zero_shot" / "seed0.json").unlink()
+    again = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
+    assert json.loads(record.read_text())["sha256"] == fingerprint(runs / "sft" / "seed0" / "sft_model")
+    assert (kept / "steppo" / "seed0" / "done.json").exists() and (kept / "grpo" / "seed0" / "done.json").exists()
+    assert again["zero_shot"][0]["runs"] == ["steppo", "grpo"]
+
+
+def _kept_run(kept: Path, preset: str, seed: int, greedy: str, sampled: str = "10") -> None:
+    """A finished run's kept records, by hand: its before-RL evaluation and one after."""
+    run = kept / preset / f"seed{seed}"
+    run.mkdir(parents=True)
+    evals = [{"iteration": it, "mode": mode, "outcomes": o} for it, (g, s) in ((0, (greedy, sampled)), (5, ("11", "11")))
+             for mode, o in (("greedy", g), ("sampled", s))]
+    (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    metrics = [{"iteration": 0, "env_steps": 0, "eval/success": greedy.count("1") / len(greedy),
+                "eval_sampled/success": sampled.count("1") / len(sampled), "eval/episodes": len(greedy)},
+               {"iteration": 5, "env_steps": 40, "eval/success": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "done.json").write_text('{"wall_s": 1}')
+
+
+def test_starting_rows_come_from_the_runs_and_check_they_started_from_one_policy(tmp_path):
+    proto = load_protocol(_protocol(tmp_path, presets=["steppo", "grpo", "ppo"], seeds=[0, 1, 2]))
+    kept = tmp_path / "runs"
+    for preset in ("steppo", "grpo", "ppo"):
+        _kept_run(kept, preset, 0, "1000")
+    _kept_run(kept, "steppo", 1, "1100", "00")
+    (kept / "grpo" / "seed1").mkdir(parents=True)  # unfinished (no done.json): not read
+    (kept / "grpo" / "seed1" / "evals.jsonl").write_text(json.dumps({"iteration": 0, "mode": "greedy", "outcomes": "0000"}))
+    rows = starting_rows(proto, kept)
+    assert sorted(rows) == [0, 1]  # seed 2 has no kept run
+    assert (rows[0]["success"], rows[0]["success_sampled"], rows[0]["episodes"]) == (0.25, 0.5, 4)
+    assert rows[0]["runs"] == ["steppo", "grpo", "ppo"] and rows[1]["runs"] == ["steppo"]
+    assert (rows[1]["success"], rows[1]["success_sampled"]) == (0.5, 0.0)
+
+    # one task's before-RL outcome differs (greedy, or only sampled): not one starting policy
+    shutil.rmtree(kept / "grpo" / "seed1")
+    _kept_run(kept, "grpo", 1, "1101", "00")
+    with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy.*steppo; grpo"):
+        starting_rows(proto, kept)
+    shutil.rmtree(kept / "grpo" / "seed1")
+    _kept_run(kept, "grpo", 1, "1100", "01")
+    with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy"):
+        starting_rows(proto, kept)
+
+
+def test_tidy_keeps_starting_rows_and_drops_only_fingerprints_no_kept_run_depends_on(tmp_path):
+    proto = load_protocol(_protocol(tmp_path, presets=["steppo", "grpo"], seeds=[0, 1]))
+    kept = tmp_path / "runs"
+    _kept_run(kept, "steppo", 0, "10")
+    (kept / "steppo" / "seed7").mkdir(parents=True)  # a seed a precision block added, unfinished
+    for seed in (0, 1, 7):
+        (kept / "sft").mkdir(exist_ok=True)
+        (kept / "sft" / f"seed{seed}.json").write_text(json.dumps({"sha256": str(seed) * 64}))
+    (kept / "zero_shot").mkdir()
+    (kept / "zero_shot" / "seed0.json").write_text('{"succ')  # torn
+    rows = tidy_kept(proto, kept, drop_unused_fingerprints=False)  # while runs are under way
+    assert json.loads((kept / "zero_shot" / "seed0.json").read_text()) == rows[0] and rows[0]["success"] == 0.5
+    assert sorted(f.name for f in (kept / "sft").iterdir()) == ["seed0.json", "seed1.json", "seed7.json"]
+    tidy_kept(proto, kept)
+    assert sorted(f.name for f in (kept / "sft").iterdir()) == ["seed0.json"]
+    assert json.loads((kept / "sft" / "seed0.json").read_text())["sha256"] == "0" * 64
 
 
 def test_table_marks_best_mean_and_reports_std():
@@ -396,3 +469,28 @@ def test_evidence_runs_at_the_kept_runs_commit_and_refuses_a_mix(tmp_path):
     assert mixed.returncode != 0 and "several commits" in mixed.stderr and not mixed.stdout.strip()
     torn = _evidence_commit(tmp_path / "d", {"p/runs/steppo/seed0/run.json": '{"attempts": [{"comm'})
     assert torn.returncode != 0 and "is torn" in torn.stderr and not torn.stdout.strip()
+
+
+def test_evidence_tidies_the_kept_records_with_this_checkouts_code(tmp_path):
+    """`scripts/evidence.sh tidy-rows` (what its driver runs every 10 minutes): the starting rows
+    of each protocol's seeds are written from the kept runs, and no fingerprint is touched while
+    runs may be under way."""
+    root = Path(__file__).resolve().parents[1]
+    repo, work = tmp_path / "repo", tmp_path / "evidence"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(root / "scripts" / "evidence.sh", repo / "scripts")
+    (repo / "steppo").symlink_to(root / "steppo")
+    (repo / "configs" / "compare").mkdir(parents=True)
+    shutil.copy(_protocol(tmp_path), repo / "configs" / "compare" / "compass.yaml")
+    kept = repo / "results" / "compass" / "runs"
+    _kept_run(kept, "grpo", 3, "0110")
+    (kept / "sft").mkdir()
+    (kept / "sft" / "seed4.json").write_text(json.dumps({"sha256": "4" * 64}))
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    done = subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "tidy-rows"], capture_output=True, text=True,
+                          env={**os.environ, "EVIDENCE_DIR": str(work)})
+    assert done.returncode == 0, done.stderr
+    assert "compass: starting rows of seeds [3]" in done.stdout
+    assert json.loads((kept / "zero_shot" / "seed3.json").read_text())["success"] == 0.5
+    assert (kept / "sft" / "seed4.json").exists()
