@@ -13,6 +13,7 @@
 # and a seed whose kept runs started from a lost warm start stops its protocol with the fix.
 #   scripts/evidence.sh start | status | pause | resume | commit (the commit a start would run at)
 #                     | tidy (what start does to the kept records; needs the evidence venv)
+#                     | restart-seed P K (what the driver does when a protocol stops on seed K's warm start)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${EVIDENCE_DIR:-$repo/../evidence}
@@ -74,7 +75,12 @@ keep() {  # commit results/ in the main checkout when it changed; say so when a 
 loop=\$!
 trap 'kill \$loop 2>/dev/null' EXIT
 for p in ${protocols[*]}; do
-  .venv/bin/python -m steppo.cli compare configs/compare/\$p.yaml --jobs 2 --threads 1 --out "$repo/results/\$p" >> "$work/\$p.log" 2>&1 || echo "\$(date -u) \$p failed (\$?)" >> "$work/driver.log"
+  for attempt in 1 2 3 4; do  # a seed whose warm start cannot be rebuilt here is started over, then again
+    .venv/bin/python -m steppo.cli compare configs/compare/\$p.yaml --jobs 2 --threads 1 --out "$repo/results/\$p" >> "$work/\$p.log" 2>&1 && break
+    echo "\$(date -u) \$p failed" >> "$work/driver.log"
+    seed=\$(tail -n 3 "$work/\$p.log" | sed -n 's/.*the warm start of seed \\([0-9][0-9]*\\) .* is not the one.*/\\1/p' | tail -n 1)
+    [ -n "\$seed" ] && bash "$repo/scripts/evidence.sh" restart-seed "\$p" "\$seed" >> "$work/driver.log" 2>&1 || break
+  done
 done
 keep "every protocol finished"
 DRV
@@ -85,6 +91,13 @@ DRV
   tidy) if pgrep -f "steppo.cli compare" > /dev/null; then echo "runs are under way: only tidy-rows is safe now" >&2; exit 1; fi
         tidy drop;;
   tidy-rows) tidy rows;;  # the driver's, every 10 minutes
+  restart-seed)  # P K: seed K of protocol P starts over (the driver's, when its warm start cannot be rebuilt here)
+    p=${2:?protocol}; k=${3:?seed}; kept="$repo/results/$p/runs"
+    [[ "$k" =~ ^[0-9]+$ ]] && [ -d "$kept" ] || { echo "restart-seed: no kept records of protocol '$p' seed '$k'" >&2; exit 2; }
+    gone=$(ls -d "$kept"/*/"seed$k" 2>/dev/null | wc -l)
+    rm -rf "$kept"/*/"seed$k" "$kept/sft/seed$k.json" "$kept/zero_shot/seed$k.json"
+    git -C "$repo" add -A "results/$p/runs" && git -C "$repo" commit -q -m "evidence: $p seed $k starts over ($gone kept runs removed, in the history): its warm start, rebuilt on this machine, is not the one they started from (behaviour cloning is not bitwise reproducible across CPUs), so new runs could not be paired with them" -- "results/$p/runs"
+    echo "$(date -u) $p seed $k starts over: $gone kept runs removed (its warm start could not be rebuilt here)";;
   status) pgrep -af "steppo.cli compare" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
   pause) pkill -STOP -f "steppo.cli" && echo "paused $(date -u)" >> "$work/pauses.txt";;
   resume) pkill -CONT -f "steppo.cli" && echo "resumed $(date -u)" >> "$work/pauses.txt";;

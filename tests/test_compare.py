@@ -20,6 +20,7 @@ from steppo.compare import (
     seeds_of,
     starting_rows,
     tidy_kept,
+    warm_starts,
     work,
 )
 from steppo.config import ConfigError
@@ -494,3 +495,51 @@ def test_evidence_tidies_the_kept_records_with_this_checkouts_code(tmp_path):
     assert "compass: starting rows of seeds [3]" in done.stdout
     assert json.loads((kept / "zero_shot" / "seed3.json").read_text())["success"] == 0.5
     assert (kept / "sft" / "seed4.json").exists()
+
+
+def test_evidence_starts_a_seed_over_when_its_warm_start_cannot_be_rebuilt(tmp_path):
+    """`scripts/evidence.sh restart-seed P K` (what its driver runs when a protocol stops on seed
+    K's warm start, parsed from the error `warm_starts` raises): seed K's kept runs, fingerprint
+    and starting row go, in a commit that says why; other seeds and protocols are untouched."""
+    repo = tmp_path / "a"
+    runs = {f"compass/runs/{p}/seed{s}/run.json": _attempts("c1") for p in ("steppo", "ppo") for s in (2, 3)}
+    runs.update({"compass/runs/sft/seed3.json": "{}", "compass/runs/sft/seed2.json": "{}",
+                 "compass/runs/zero_shot/seed3.json": "{}", "compass-long/runs/steppo/seed3/run.json": _attempts("c1")})
+    _evidence_commit(tmp_path / "a", runs)
+    git = ["git", "-C", str(repo / "repo"), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "kept"], check=True)
+    script = repo / "repo" / "scripts" / "evidence.sh"
+    done = subprocess.run(["bash", str(script), "restart-seed", "compass", "3"], capture_output=True, text=True,
+                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    assert done.returncode == 0, done.stderr
+    assert "compass seed 3 starts over: 2 kept runs removed" in done.stdout
+    left = sorted(str(f.relative_to(repo / "repo" / "results")) for f in (repo / "repo" / "results").rglob("*.json"))
+    assert left == ["compass-long/runs/steppo/seed3/run.json", "compass/runs/ppo/seed2/run.json",
+                    "compass/runs/sft/seed2.json", "compass/runs/steppo/seed2/run.json"]
+    log = subprocess.run([*git, "log", "-1", "--format=%s"], capture_output=True, text=True).stdout
+    assert log.startswith("evidence: compass seed 3 starts over (2 kept runs removed, in the history)")
+    assert not subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
+    bad = subprocess.run(["bash", str(script), "restart-seed", "compass", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no kept records" in bad.stderr
+
+
+def test_evidence_driver_reads_the_seed_from_the_warm_start_error(tmp_path):
+    """The driver's sed expression (as `start` writes it) finds the seed in the error that
+    `warm_starts` raises on a warm start that is not the kept one."""
+    proto = load_protocol(_protocol(tmp_path, seeds=[12]))
+    policy = tmp_path / "runs" / "sft" / "seed12" / "sft_model"
+    policy.mkdir(parents=True)
+    (policy / "config.json").write_text("{}")  # built already: no SFT runs
+    (policy / "model.safetensors").write_bytes(b"weights rebuilt on another CPU")
+    kept = tmp_path / "kept"
+    (kept / "sft").mkdir(parents=True)
+    (kept / "sft" / "seed12.json").write_text(json.dumps({"sha256": "0" * 64}))
+    with pytest.raises(RuntimeError) as raised:
+        warm_starts(proto, tmp_path / "runs", kept, jobs=1, threads=1)
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh").read_text()
+    line = next(x for x in text.splitlines() if "the warm start of seed" in x and "sed -n" in x)
+    expr = line.split("sed -n '", 1)[1].split("'", 1)[0].replace("\\\\", "\\")  # as the heredoc writes it
+    log = f"Traceback (most recent call last):\n  ...\nRuntimeError: {raised.value}\n"
+    assert subprocess.run(["sed", "-n", expr], input=log, capture_output=True, text=True).stdout.strip() == "12"
