@@ -43,14 +43,13 @@ tidy() {  # $1 = drop (at start, nothing running) or rows (while runs are under 
 import sys
 from pathlib import Path
 
-from steppo.compare import load_protocol, tidy_kept
+from steppo.compare import tidy_kept
 
 repo, drop = Path(sys.argv[1]), sys.argv[2] == "drop"
 for name in sys.argv[3:]:
     kept = repo / "results" / name / "runs"
     if kept.is_dir():
-        rows = tidy_kept(load_protocol(repo / "configs" / "compare" / f"{name}.yaml"), kept, drop_unused_fingerprints=drop)
-        print(f"{name}: starting rows of seeds {sorted(rows)}")
+        print(f"{name}: starting rows of seeds {sorted(tidy_kept(kept, drop_unused_fingerprints=drop))}")
 PY
 }
 

@@ -292,7 +292,7 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
                 preset, seed, wall = fut.result()
                 walls[(preset, seed)] = wall
 
-    tidy_kept(proto, kept)
+    tidy_kept(kept)
     play()
     rule = proto.get("precision")
     if rule is not None and (presets or seeds):
@@ -318,7 +318,7 @@ def run_protocol(path: str | Path, out_dir: str | Path | None = None, jobs: int 
             added["seeds"] = added["seeds"] + block
             play()
         proto["precision_checks"] = {**rule, "checks": checks, "met": checks[-1]["half_width"] <= rule["half_width"]}
-    rows = tidy_kept(proto, kept, drop_unused_fingerprints=False)
+    rows = tidy_kept(kept, drop_unused_fingerprints=False)
     zero = {s: rows[s] for s in all_seeds(proto) if s in rows} if proto.get("zero_shot") else None
     results = collect(proto, kept, walls, zero)
     write_results(results, out)
@@ -361,18 +361,19 @@ class _Status:
               f"{left - self.active} | elapsed {clock(elapsed)} | left {eta}", flush=True)
 
 
-def _seed_dirs(proto: dict, kept: Path) -> dict[int, list[Path]]:
-    """Kept, finished runs (``done.json``) of the protocol's presets, by seed; any seed found on
-    disk, so the blocks a precision rule added are included."""
+def _seed_dirs(kept: Path) -> dict[int, list[Path]]:
+    """Kept, finished runs (``done.json``) by seed, whatever their preset and seed: every kept run
+    counts (a comparison restricted with --presets or --seeds, or the blocks a precision rule
+    added, included)."""
     by_seed: dict[int, list[Path]] = {}
-    for preset in proto["presets"]:
+    for preset in sorted(p for p in PRESETS if (kept / p).is_dir()):
         for run in sorted((kept / preset).glob("seed*")):
             if run.name[4:].isdigit() and _read_json(run / "done.json") is not None:
                 by_seed.setdefault(int(run.name[4:]), []).append(run)
     return dict(sorted(by_seed.items()))
 
 
-def starting_rows(proto: dict, kept: Path) -> dict[int, dict[str, Any]]:
+def starting_rows(kept: Path) -> dict[int, dict[str, Any]]:
     """Held-out success of the starting policy (the seed's warm start, or the base model), per
     seed, from the before-RL evaluation (iteration 0) every run makes of the policy it starts
     from: no evaluation of its own, so no warm start is needed once a seed's runs are kept.
@@ -381,7 +382,7 @@ def starting_rows(proto: dict, kept: Path) -> dict[int, dict[str, Any]]:
     task for task (greedy and sampled), else `RuntimeError` (those runs did not start from one
     policy, so their paired differences would be meaningless)."""
     rows: dict[int, dict[str, Any]] = {}
-    for seed, runs in _seed_dirs(proto, kept).items():
+    for seed, runs in _seed_dirs(kept).items():
         seen: dict[str, list[str]] = {}  # the before-RL outcomes (by mode, as JSON) -> runs with them
         before: dict[str, Any] = {}
         for run in runs:
@@ -405,16 +406,17 @@ def starting_rows(proto: dict, kept: Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def tidy_kept(proto: dict, kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, dict[str, Any]]:
-    """Bring a protocol's kept records up to date before its runs (re)start; the starting rows.
+def tidy_kept(kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, dict[str, Any]]:
+    """Bring a comparison's kept records up to date before its runs (re)start; the starting rows.
 
     Each seed's starting row (`starting_rows`) is kept in ``kept/zero_shot/seed<k>.json`` (made
-    again where it is missing, torn or out of date: a run kept since adds to its ``runs``). With `drop_unused_fingerprints` (only while no run of the protocol is
-    under way), a warm start's fingerprint that no kept run depends on yet is dropped: a warm
-    start rebuilt on another machine (behaviour cloning is not bitwise reproducible across CPUs)
-    is then taken as the seed's start instead of stopping the comparison, since no kept run
-    started from the old one."""
-    rows = starting_rows(proto, kept)
+    again where it is missing, torn or out of date: a run kept since adds to its ``runs``).
+    With `drop_unused_fingerprints` (only while no run of the protocol is under way), a warm
+    start's fingerprint that no kept run depends on yet is dropped: a warm start rebuilt on
+    another machine (behaviour cloning is not bitwise reproducible across CPUs) is then taken
+    as the seed's start instead of stopping the comparison, since no kept run started from the
+    old one."""
+    rows = starting_rows(kept)
     for seed, row in rows.items():
         target = kept / "zero_shot" / f"seed{seed}.json"
         if _read_json(target) != row:
@@ -422,7 +424,7 @@ def tidy_kept(proto: dict, kept: Path, drop_unused_fingerprints: bool = True) ->
     if drop_unused_fingerprints:
         for record in sorted((kept / "sft").glob("seed*.json")):
             seed = record.stem[4:]
-            if seed.isdigit() and int(seed) not in _seed_dirs(proto, kept):
+            if seed.isdigit() and int(seed) not in _seed_dirs(kept):
                 print(f"[compare] {record}: no kept run started from this warm start; its fingerprint is dropped "
                       f"(the seed's next warm start is recorded instead)", flush=True)
                 record.unlink()

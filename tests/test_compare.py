@@ -180,7 +180,7 @@ def test_kept_records_resume_a_comparison_whose_scratch_is_lost(tmp_path):
     again = run_protocol(_protocol(tmp_path, zero_shot=True), out_dir=out, runs_dir=runs, jobs=1, threads=1)
     assert json.loads(record.read_text())["sha256"] == fingerprint(runs / "sft" / "seed0" / "sft_model")
     assert (kept / "steppo" / "seed0" / "done.json").exists() and (kept / "grpo" / "seed0" / "done.json").exists()
-    assert again["zero_shot"][0]["runs"] == ["steppo", "grpo"]
+    assert again["zero_shot"][0]["runs"] == ["grpo", "steppo"]
 
 
 def _kept_run(kept: Path, preset: str, seed: int, greedy: str, sampled: str = "10") -> None:
@@ -198,32 +198,30 @@ def _kept_run(kept: Path, preset: str, seed: int, greedy: str, sampled: str = "1
 
 
 def test_starting_rows_come_from_the_runs_and_check_they_started_from_one_policy(tmp_path):
-    proto = load_protocol(_protocol(tmp_path, presets=["steppo", "grpo", "ppo"], seeds=[0, 1, 2]))
     kept = tmp_path / "runs"
     for preset in ("steppo", "grpo", "ppo"):
         _kept_run(kept, preset, 0, "1000")
     _kept_run(kept, "steppo", 1, "1100", "00")
     (kept / "grpo" / "seed1").mkdir(parents=True)  # unfinished (no done.json): not read
     (kept / "grpo" / "seed1" / "evals.jsonl").write_text(json.dumps({"iteration": 0, "mode": "greedy", "outcomes": "0000"}))
-    rows = starting_rows(proto, kept)
+    rows = starting_rows(kept)
     assert sorted(rows) == [0, 1]  # seed 2 has no kept run
     assert (rows[0]["success"], rows[0]["success_sampled"], rows[0]["episodes"]) == (0.25, 0.5, 4)
-    assert rows[0]["runs"] == ["steppo", "grpo", "ppo"] and rows[1]["runs"] == ["steppo"]
+    assert rows[0]["runs"] == ["grpo", "ppo", "steppo"] and rows[1]["runs"] == ["steppo"]
     assert (rows[1]["success"], rows[1]["success_sampled"]) == (0.5, 0.0)
 
     # one task's before-RL outcome differs (greedy, or only sampled): not one starting policy
     shutil.rmtree(kept / "grpo" / "seed1")
     _kept_run(kept, "grpo", 1, "1101", "00")
-    with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy.*steppo; grpo"):
-        starting_rows(proto, kept)
+    with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy.*grpo; steppo"):
+        starting_rows(kept)
     shutil.rmtree(kept / "grpo" / "seed1")
     _kept_run(kept, "grpo", 1, "1100", "01")
     with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy"):
-        starting_rows(proto, kept)
+        starting_rows(kept)
 
 
 def test_tidy_keeps_starting_rows_and_drops_only_fingerprints_no_kept_run_depends_on(tmp_path):
-    proto = load_protocol(_protocol(tmp_path, presets=["steppo", "grpo"], seeds=[0, 1]))
     kept = tmp_path / "runs"
     _kept_run(kept, "steppo", 0, "10")
     (kept / "steppo" / "seed7").mkdir(parents=True)  # a seed a precision block added, unfinished
@@ -232,10 +230,10 @@ def test_tidy_keeps_starting_rows_and_drops_only_fingerprints_no_kept_run_depend
         (kept / "sft" / f"seed{seed}.json").write_text(json.dumps({"sha256": str(seed) * 64}))
     (kept / "zero_shot").mkdir()
     (kept / "zero_shot" / "seed0.json").write_text('{"succ')  # torn
-    rows = tidy_kept(proto, kept, drop_unused_fingerprints=False)  # while runs are under way
+    rows = tidy_kept(kept, drop_unused_fingerprints=False)  # while runs are under way
     assert json.loads((kept / "zero_shot" / "seed0.json").read_text()) == rows[0] and rows[0]["success"] == 0.5
     assert sorted(f.name for f in (kept / "sft").iterdir()) == ["seed0.json", "seed1.json", "seed7.json"]
-    tidy_kept(proto, kept)
+    tidy_kept(kept)
     assert sorted(f.name for f in (kept / "sft").iterdir()) == ["seed0.json"]
     assert json.loads((kept / "sft" / "seed0.json").read_text())["sha256"] == "0" * 64
 
@@ -481,8 +479,6 @@ def test_evidence_tidies_the_kept_records_with_this_checkouts_code(tmp_path):
     (repo / "scripts").mkdir(parents=True)
     shutil.copy(root / "scripts" / "evidence.sh", repo / "scripts")
     (repo / "steppo").symlink_to(root / "steppo")
-    (repo / "configs" / "compare").mkdir(parents=True)
-    shutil.copy(_protocol(tmp_path), repo / "configs" / "compare" / "compass.yaml")
     kept = repo / "results" / "compass" / "runs"
     _kept_run(kept, "grpo", 3, "0110")
     (kept / "sft").mkdir()
