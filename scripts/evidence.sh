@@ -4,18 +4,24 @@
 # and keep each finished run's records in THIS checkout's results/<protocol>/runs/, which are
 # committed every 10 minutes, so a later session on a fresh machine resumes from the repository.
 # The protocols are read at that commit too: they are pre-registered, a later edit does not reach
-# runs already under way. Every run uses one torch thread on every machine, so a warm start rebuilt
-# on another machine can match the fingerprint its seed's kept runs started from.
+# runs already under way. Every run uses one torch thread on every machine.
+#
 # Behaviour cloning is not bitwise reproducible across CPUs, so on a new machine a warm start
-# rebuilt for a seed may differ from the one its kept runs started from: before each start the kept
-# records are tidied with this checkout's steppo.compare.tidy_kept (each seed's starting row from its
-# kept runs, so a finished seed needs no warm start; a fingerprint no kept run depends on dropped),
-# and a seed whose kept runs started from a lost warm start stops its protocol with the fix.
-#   scripts/evidence.sh start | status | pause | resume | commit (the commit a start would run at)
-#                     | tidy (what start does to the kept records; needs the evidence venv)
-#                     | restart-seed P K (what the driver does when a protocol stops on seed K's warm start)
+# rebuilt for a seed may differ from the one its kept runs started from. So: before each start the
+# kept records are tidied with this checkout's steppo.compare.tidy_kept (each seed's starting row
+# from its kept runs, so a finished seed needs no warm start; a fingerprint no kept run depends on
+# dropped), and when a protocol stops on a seed's warm start, the driver builds that warm start
+# again once (a torn copy on this machine), then, if it still differs, starts the seed over
+# (restart-seed: its kept runs removed in a commit that says why; they stay in the history).
+#
+#   scripts/evidence.sh start         run the protocols in the background (a driver, `drive`)
+#   scripts/evidence.sh status | pause | resume
+#   scripts/evidence.sh commit        the commit a start would run at
+#   scripts/evidence.sh tidy          what start does to the kept records (nothing may be running)
+#   scripts/evidence.sh restart-seed P K        seed K of protocol P starts over
+#   scripts/evidence.sh mismatched-seed LOG [BYTES]   the seed a compare log (after BYTES) stopped on
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+repo=${EVIDENCE_REPO:-$(cd "$(dirname "$0")/.." && pwd)}
 work=${EVIDENCE_DIR:-$repo/../evidence}
 protocols=(compass smollm2-searchqa compass-long)
 
@@ -38,8 +44,11 @@ PY
   echo "${c:-$(git -C "$repo" rev-parse HEAD)}"
 }
 
+running() { pgrep -f "steppo.cli compare .*--out $repo/results/" > /dev/null; }  # this checkout's
+
 tidy() {  # $1 = drop (at start, nothing running) or rows (while runs are under way)
-  PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$1" "${protocols[@]}" <<'PY'
+  # this checkout's steppo (from its root, so no other steppo on the path comes first)
+  (cd "$repo" && PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$1" "${protocols[@]}") <<'PY'
 import sys
 from pathlib import Path
 
@@ -53,52 +62,89 @@ for name in sys.argv[3:]:
 PY
 }
 
+keep() {  # commit results/ when it changed (one git writer at a time); say so when a commit fails
+  local why=$1
+  (
+    flock 9
+    git -C "$repo" add -A results/ &&
+      { git -C "$repo" diff --cached --quiet -- results/ || git -C "$repo" commit -q -m "evidence: $why" -- results/; }
+  ) 9> "$repo/.git/evidence.lock" || echo "$(date -u) commit failed: $why (next try in 10 min)" >&2
+}
+
+mismatched_seed() {  # the seed whose warm start stopped the compare that wrote LOG after byte BYTES
+  tail -c +$(( ${2:-0} + 1 )) "$1" | sed -n 's/.*the warm start of seed \([0-9][0-9]*\) .* is not the one.*/\1/p' | tail -n 1
+}
+
+restart_seed() {  # P K: seed K's kept runs, fingerprint and starting row go, in a commit that says why
+  local p=$1 k=$2 kept="$repo/results/$1/runs" dirs
+  [[ "$k" =~ ^[0-9]+$ ]] && [ -d "$kept" ] || { echo "restart-seed: no kept records of protocol '$p' seed '$k'" >&2; return 2; }
+  keep "kept run records (before $p seed $k starts over)"  # every kept run is in the history first
+  shopt -s nullglob
+  dirs=("$kept"/*/"seed$k")
+  shopt -u nullglob
+  rm -rf "${dirs[@]}" "$kept/sft/seed$k.json" "$kept/zero_shot/seed$k.json"
+  keep "$p seed $k starts over (${#dirs[@]} kept runs removed, in the history): its warm start, rebuilt on this machine, is not the one they started from (behaviour cloning is not bitwise reproducible across CPUs), so new runs could not be paired with them"
+  echo "$(date -u) $p seed $k starts over: ${#dirs[@]} kept runs removed (its warm start could not be rebuilt here)"
+}
+
+drive() {  # the protocols in order, committing every 10 minutes (what start runs in the background)
+  cd "$work"
+  ( trap 'kill $nap 2>/dev/null; exit 0' TERM  # (its sleep goes with it)
+    while true; do
+      sleep 600 & nap=$!
+      wait $nap
+      tidy rows || echo "$(date -u) tidy failed (above)"
+      keep "kept run records ($(ls "$repo"/results/*/runs/*/seed*/done.json 2>/dev/null | wc -l) runs)"
+    done ) &
+  loop=$!  # (global: the trap reads it at exit)
+  trap 'kill $loop 2>/dev/null' EXIT
+  local p attempt size seed rebuilt rc
+  for p in "${protocols[@]}"; do
+    rebuilt=""
+    for attempt in 1 2 3 4 5; do
+      size=$(stat -c %s "$work/$p.log" 2>/dev/null || echo 0)
+      rc=0
+      .venv/bin/python -m steppo.cli compare "configs/compare/$p.yaml" --jobs 2 --threads 1 \
+        --out "$repo/results/$p" >> "$work/$p.log" 2>&1 || rc=$?
+      [ "$rc" = 0 ] && break
+      seed=$(mismatched_seed "$work/$p.log" "$size")
+      echo "$(date -u) $p failed ($rc)${seed:+ on the warm start of seed $seed}"
+      [ -n "$seed" ] || break
+      if [[ " $rebuilt " != *" $seed "* ]]; then  # first, build it again here (a torn copy?)
+        rebuilt="$rebuilt $seed"
+        rm -rf "$work/runs/compare/$p/sft/seed$seed"
+      else
+        restart_seed "$p" "$seed" || break
+      fi
+    done
+  done
+  tidy rows || true
+  keep "every protocol finished"
+}
+
 case "${1:-status}" in
   start)
-    if pgrep -f "steppo.cli compare" > /dev/null; then echo "already running (scripts/evidence.sh status)" >&2; exit 1; fi
+    if running; then echo "already running (scripts/evidence.sh status)" >&2; exit 1; fi
     commit=$(pinned) || exit 1
     if [ ! -d "$work/.git" ]; then git clone -q "$repo" "$work"; fi
     git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
     (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models]")
     tidy drop || { echo "tidying the kept records failed (above): fix them, then start again" >&2; exit 1; }
-    cat > "$work/driver.sh" <<DRV
-#!/usr/bin/env bash
-cd "$work"
-keep() {  # commit results/ in the main checkout when it changed; say so when a commit fails
-  bash "$repo/scripts/evidence.sh" tidy-rows >> "$work/driver.log" 2>&1 || echo "\$(date -u) tidy failed (above)" >> "$work/driver.log"
-  git -C "$repo" add results/ && { git -C "$repo" diff --cached --quiet -- results/ ||
-    git -C "$repo" commit -q -m "evidence: \$1" -- results/ ||
-    echo "\$(date -u) commit failed (next try in 10 min)" >> "$work/driver.log"; }
-}
-( while sleep 600; do keep "kept run records (\$(ls $repo/results/*/runs/*/seed*/done.json 2>/dev/null | wc -l) runs)"; done ) &
-loop=\$!
-trap 'kill \$loop 2>/dev/null' EXIT
-for p in ${protocols[*]}; do
-  for attempt in 1 2 3 4; do  # a seed whose warm start cannot be rebuilt here is started over, then again
-    .venv/bin/python -m steppo.cli compare configs/compare/\$p.yaml --jobs 2 --threads 1 --out "$repo/results/\$p" >> "$work/\$p.log" 2>&1 && break
-    echo "\$(date -u) \$p failed" >> "$work/driver.log"
-    seed=\$(tail -n 3 "$work/\$p.log" | sed -n 's/.*the warm start of seed \\([0-9][0-9]*\\) .* is not the one.*/\\1/p' | tail -n 1)
-    [ -n "\$seed" ] && bash "$repo/scripts/evidence.sh" restart-seed "\$p" "\$seed" >> "$work/driver.log" 2>&1 || break
-  done
-done
-keep "every protocol finished"
-DRV
-    chmod +x "$work/driver.sh"
-    (setsid nohup "$work/driver.sh" >> "$work/driver.log" 2>&1 &)
+    cp "$0" "$work/evidence-driver.sh"  # the driver runs from a copy: editing this file cannot disturb it
+    (EVIDENCE_REPO="$repo" EVIDENCE_DIR="$work" setsid nohup bash "$work/evidence-driver.sh" drive \
+      >> "$work/driver.log" 2>&1 &)
     echo "started at $commit; logs in $work/*.log";;
-  commit) commit=$(pinned) || exit 1; echo "$commit";;  # what start runs at
-  tidy) if pgrep -f "steppo.cli compare" > /dev/null; then echo "runs are under way: only tidy-rows is safe now" >&2; exit 1; fi
+  drive) drive;;
+  commit) commit=$(pinned) || exit 1; echo "$commit";;
+  tidy) if running; then echo "runs are under way: tidying now could drop a fingerprint they need" >&2; exit 1; fi
         tidy drop;;
-  tidy-rows) tidy rows;;  # the driver's, every 10 minutes
-  restart-seed)  # P K: seed K of protocol P starts over (the driver's, when its warm start cannot be rebuilt here)
-    p=${2:?protocol}; k=${3:?seed}; kept="$repo/results/$p/runs"
-    [[ "$k" =~ ^[0-9]+$ ]] && [ -d "$kept" ] || { echo "restart-seed: no kept records of protocol '$p' seed '$k'" >&2; exit 2; }
-    gone=$(ls -d "$kept"/*/"seed$k" 2>/dev/null | wc -l)
-    rm -rf "$kept"/*/"seed$k" "$kept/sft/seed$k.json" "$kept/zero_shot/seed$k.json"
-    git -C "$repo" add -A "results/$p/runs" && git -C "$repo" commit -q -m "evidence: $p seed $k starts over ($gone kept runs removed, in the history): its warm start, rebuilt on this machine, is not the one they started from (behaviour cloning is not bitwise reproducible across CPUs), so new runs could not be paired with them" -- "results/$p/runs"
-    echo "$(date -u) $p seed $k starts over: $gone kept runs removed (its warm start could not be rebuilt here)";;
-  status) pgrep -af "steppo.cli compare" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
+  restart-seed)
+    if running; then echo "runs are under way: a seed starts over only while nothing runs" >&2; exit 1; fi
+    restart_seed "${2:?protocol}" "${3:?seed}";;
+  mismatched-seed) mismatched_seed "${2:?log}" "${3:-0}";;
+  status) pgrep -af "steppo.cli compare .*--out $repo/results/" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
   pause) pkill -STOP -f "steppo.cli" && echo "paused $(date -u)" >> "$work/pauses.txt";;
   resume) pkill -CONT -f "steppo.cli" && echo "resumed $(date -u)" >> "$work/pauses.txt";;
-  *) echo "usage: $0 start | status | pause | resume | commit | tidy" >&2; exit 2;;
+  *) echo "usage: $0 start | status | pause | resume | commit | tidy | restart-seed P K | mismatched-seed LOG [BYTES]" >&2
+     exit 2;;
 esac

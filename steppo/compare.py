@@ -366,8 +366,9 @@ def _seed_dirs(kept: Path) -> dict[int, list[Path]]:
     counts (a comparison restricted with --presets or --seeds, or the blocks a precision rule
     added, included)."""
     by_seed: dict[int, list[Path]] = {}
-    for preset in sorted(p for p in PRESETS if (kept / p).is_dir()):
-        for run in sorted((kept / preset).glob("seed*")):
+    presets = sorted(d for d in kept.iterdir() if d.is_dir() and d.name not in ("sft", "zero_shot")) if kept.is_dir() else []
+    for preset in presets:
+        for run in sorted(preset.glob("seed*")):
             if run.name[4:].isdigit() and _read_json(run / "done.json") is not None:
                 by_seed.setdefault(int(run.name[4:]), []).append(run)
     return dict(sorted(by_seed.items()))
@@ -379,28 +380,33 @@ def starting_rows(kept: Path) -> dict[int, dict[str, Any]]:
     from: no evaluation of its own, so no warm start is needed once a seed's runs are kept.
 
     It is also the pairing check: every kept run of a seed must have the same before-RL outcomes,
-    task for task (greedy and sampled), else `RuntimeError` (those runs did not start from one
-    policy, so their paired differences would be meaningless)."""
+    task for task, in each decoding (greedy, sampled) the runs share, else `RuntimeError` (those
+    runs did not start from one policy, so their paired differences would be meaningless)."""
     rows: dict[int, dict[str, Any]] = {}
     for seed, runs in _seed_dirs(kept).items():
-        seen: dict[str, list[str]] = {}  # the before-RL outcomes (by mode, as JSON) -> runs with them
-        before: dict[str, Any] = {}
+        before: dict[str, dict[str, Any]] = {}  # preset -> its before-RL outcomes (by mode) and metrics
         for run in runs:
             outcomes = {r["mode"]: r["outcomes"] for r in read_jsonl(run / "evals.jsonl") if r.get("iteration") == 0}
             metrics = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("iteration") == 0 and "eval/success" in r]
-            if not outcomes or not metrics:
-                continue  # records from before evals.jsonl existed: nothing to check or report
-            seen.setdefault(json.dumps(outcomes, sort_keys=True), []).append(run.parent.name)
-            before = metrics[-1]  # the last wins (a run restarted from iteration 0 evaluated again)
-        if len(seen) > 1:
-            groups = "; ".join(", ".join(names) for names in seen.values())
-            raise RuntimeError(
-                f"the kept runs of seed {seed} in {kept} did not start from the same policy: their before-RL "
-                f"held-out outcomes differ between these groups of presets: {groups}. They cannot be paired; "
-                f"remove the seed's runs that did not start from its kept warm start (see {kept}/sft/seed{seed}.json)")
-        if seen:
-            rows[seed] = {"success": before["eval/success"], "success_sampled": before.get("eval_sampled/success"),
-                          "episodes": before.get("eval/episodes"), "runs": next(iter(seen.values())),
+            if outcomes and metrics:  # (the last wins: a run restarted from iteration 0 evaluated again)
+                before[run.parent.name] = {"outcomes": outcomes, "metrics": metrics[-1]}
+        for mode in sorted({m for b in before.values() for m in b["outcomes"]}):
+            groups: dict[str, list[str]] = {}
+            for name, b in before.items():
+                if mode in b["outcomes"]:
+                    groups.setdefault(b["outcomes"][mode], []).append(name)
+            if len(groups) > 1:
+                raise RuntimeError(
+                    f"the kept runs of seed {seed} in {kept} did not start from the same policy: their before-RL "
+                    f"held-out outcomes ({mode}) differ between these groups of presets: "
+                    f"{'; '.join(', '.join(g) for g in groups.values())}. They cannot be paired; remove the seed's "
+                    f"runs that did not start from its kept warm start (see {kept}/sft/seed{seed}.json)")
+        if before:
+            metrics = [b["metrics"] for b in before.values()]
+            rows[seed] = {"success": metrics[0]["eval/success"],
+                          "success_sampled": next((m["eval_sampled/success"] for m in metrics
+                                                   if m.get("eval_sampled/success") is not None), None),
+                          "episodes": metrics[0].get("eval/episodes"), "runs": list(before),
                           "from": "the before-RL (iteration 0) held-out evaluation of the seed's kept runs, "
                                   "identical task for task in all of them"}
     return rows

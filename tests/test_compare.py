@@ -183,16 +183,18 @@ def test_kept_records_resume_a_comparison_whose_scratch_is_lost(tmp_path):
     assert again["zero_shot"][0]["runs"] == ["grpo", "steppo"]
 
 
-def _kept_run(kept: Path, preset: str, seed: int, greedy: str, sampled: str = "10") -> None:
-    """A finished run's kept records, by hand: its before-RL evaluation and one after."""
+def _kept_run(kept: Path, preset: str, seed: int, greedy: str, sampled: str | None = "10") -> None:
+    """A finished run's kept records, by hand: its before-RL evaluation and one after (sampled
+    None: greedy evaluations only)."""
     run = kept / preset / f"seed{seed}"
     run.mkdir(parents=True)
     evals = [{"iteration": it, "mode": mode, "outcomes": o} for it, (g, s) in ((0, (greedy, sampled)), (5, ("11", "11")))
-             for mode, o in (("greedy", g), ("sampled", s))]
+             for mode, o in (("greedy", g), ("sampled", s)) if o is not None]
     (run / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-    metrics = [{"iteration": 0, "env_steps": 0, "eval/success": greedy.count("1") / len(greedy),
-                "eval_sampled/success": sampled.count("1") / len(sampled), "eval/episodes": len(greedy)},
-               {"iteration": 5, "env_steps": 40, "eval/success": 1.0}]
+    first = {"iteration": 0, "env_steps": 0, "eval/success": greedy.count("1") / len(greedy), "eval/episodes": len(greedy)}
+    if sampled is not None:
+        first["eval_sampled/success"] = sampled.count("1") / len(sampled)
+    metrics = [first, {"iteration": 5, "env_steps": 40, "eval/success": 1.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (run / "done.json").write_text('{"wall_s": 1}')
 
@@ -217,8 +219,12 @@ def test_starting_rows_come_from_the_runs_and_check_they_started_from_one_policy
         starting_rows(kept)
     shutil.rmtree(kept / "grpo" / "seed1")
     _kept_run(kept, "grpo", 1, "1100", "01")
-    with pytest.raises(RuntimeError, match="seed 1 .*did not start from the same policy"):
+    with pytest.raises(RuntimeError, match=r"seed 1 .*did not start from the same policy.*\(sampled\)"):
         starting_rows(kept)
+    # a run that evaluated greedy only is checked on what it shares
+    shutil.rmtree(kept / "grpo" / "seed1")
+    _kept_run(kept, "grpo", 1, "1100", None)
+    assert starting_rows(kept)[1]["runs"] == ["grpo", "steppo"] and starting_rows(kept)[1]["success_sampled"] == 0.0
 
 
 def test_tidy_keeps_starting_rows_and_drops_only_fingerprints_no_kept_run_depends_on(tmp_path):
@@ -471,9 +477,10 @@ def test_evidence_runs_at_the_kept_runs_commit_and_refuses_a_mix(tmp_path):
 
 
 def test_evidence_tidies_the_kept_records_with_this_checkouts_code(tmp_path):
-    """`scripts/evidence.sh tidy-rows` (what its driver runs every 10 minutes): the starting rows
-    of each protocol's seeds are written from the kept runs, and no fingerprint is touched while
-    runs may be under way."""
+    """`scripts/evidence.sh tidy` (what start does before the driver runs): the starting rows of
+    each protocol's seeds are written from the kept runs and a fingerprint no kept run depends on
+    is dropped, with this checkout's steppo even where the evidence clone's own (an older commit)
+    comes first on the path, as in the driver's working directory."""
     root = Path(__file__).resolve().parents[1]
     repo, work = tmp_path / "repo", tmp_path / "evidence"
     (repo / "scripts").mkdir(parents=True)
@@ -482,48 +489,58 @@ def test_evidence_tidies_the_kept_records_with_this_checkouts_code(tmp_path):
     kept = repo / "results" / "compass" / "runs"
     _kept_run(kept, "grpo", 3, "0110")
     (kept / "sft").mkdir()
-    (kept / "sft" / "seed4.json").write_text(json.dumps({"sha256": "4" * 64}))
+    for seed in (3, 4):
+        (kept / "sft" / f"seed{seed}.json").write_text(json.dumps({"sha256": str(seed) * 64}))
     (work / ".venv" / "bin").mkdir(parents=True)
     (work / ".venv" / "bin" / "python").symlink_to(sys.executable)
-    done = subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "tidy-rows"], capture_output=True, text=True,
-                          env={**os.environ, "EVIDENCE_DIR": str(work)})
+    (work / "steppo").mkdir()  # the clone's older steppo, without tidy_kept
+    (work / "steppo" / "__init__.py").write_text("")
+    (work / "steppo" / "compare.py").write_text("raise ImportError('the clone is not this checkout')\n")
+    done = subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "tidy"], capture_output=True, text=True,
+                          cwd=work, env={**os.environ, "EVIDENCE_DIR": str(work)})
     assert done.returncode == 0, done.stderr
     assert "compass: starting rows of seeds [3]" in done.stdout
     assert json.loads((kept / "zero_shot" / "seed3.json").read_text())["success"] == 0.5
-    assert (kept / "sft" / "seed4.json").exists()
+    assert sorted(f.name for f in (kept / "sft").iterdir()) == ["seed3.json"]
 
 
 def test_evidence_starts_a_seed_over_when_its_warm_start_cannot_be_rebuilt(tmp_path):
-    """`scripts/evidence.sh restart-seed P K` (what its driver runs when a protocol stops on seed
-    K's warm start, parsed from the error `warm_starts` raises): seed K's kept runs, fingerprint
-    and starting row go, in a commit that says why; other seeds and protocols are untouched."""
+    """`scripts/evidence.sh restart-seed P K` (what its driver runs when a protocol stops twice on
+    seed K's warm start): every kept record is committed first, then seed K's kept runs,
+    fingerprint and starting row go in a commit that says why; other seeds and protocols stay."""
     repo = tmp_path / "a"
     runs = {f"compass/runs/{p}/seed{s}/run.json": _attempts("c1") for p in ("steppo", "ppo") for s in (2, 3)}
     runs.update({"compass/runs/sft/seed3.json": "{}", "compass/runs/sft/seed2.json": "{}",
-                 "compass/runs/zero_shot/seed3.json": "{}", "compass-long/runs/steppo/seed3/run.json": _attempts("c1")})
-    _evidence_commit(tmp_path / "a", runs)
-    git = ["git", "-C", str(repo / "repo"), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "kept"], check=True)
+                 "compass/runs/sft/seed5.json": "{}", "compass/runs/zero_shot/seed3.json": "{}",
+                 "compass-long/runs/steppo/seed3/run.json": _attempts("c1")})
+    _evidence_commit(tmp_path / "a", runs)  # (records not committed yet: restart-seed commits them first)
+    git = ["git", "-C", str(repo / "repo")]
     script = repo / "repo" / "scripts" / "evidence.sh"
-    done = subprocess.run(["bash", str(script), "restart-seed", "compass", "3"], capture_output=True, text=True,
-                          env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-                               "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "EVIDENCE_DIR": str(tmp_path / "evidence")}
+    done = subprocess.run(["bash", str(script), "restart-seed", "compass", "3"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "compass seed 3 starts over: 2 kept runs removed" in done.stdout
     left = sorted(str(f.relative_to(repo / "repo" / "results")) for f in (repo / "repo" / "results").rglob("*.json"))
     assert left == ["compass-long/runs/steppo/seed3/run.json", "compass/runs/ppo/seed2/run.json",
-                    "compass/runs/sft/seed2.json", "compass/runs/steppo/seed2/run.json"]
-    log = subprocess.run([*git, "log", "-1", "--format=%s"], capture_output=True, text=True).stdout
-    assert log.startswith("evidence: compass seed 3 starts over (2 kept runs removed, in the history)")
-    assert not subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
-    bad = subprocess.run(["bash", str(script), "restart-seed", "compass", "x"], capture_output=True, text=True)
+                    "compass/runs/sft/seed2.json", "compass/runs/sft/seed5.json", "compass/runs/steppo/seed2/run.json"]
+    log = subprocess.run([*git, "log", "--format=%s"], capture_output=True, text=True).stdout.splitlines()
+    assert log[0].startswith("evidence: compass seed 3 starts over (2 kept runs removed, in the history)")
+    assert log[1] == "evidence: kept run records (before compass seed 3 starts over)"
+    shown = subprocess.run([*git, "show", "HEAD~1:results/compass/runs/steppo/seed3/run.json"], capture_output=True, text=True)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["attempts"][0]["commit"] == "c1"
+    assert not subprocess.run([*git, "status", "--porcelain", "results"], capture_output=True, text=True).stdout
+    # a seed with a fingerprint and no kept run: nothing to remove but the fingerprint
+    done = subprocess.run(["bash", str(script), "restart-seed", "compass", "5"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "0 kept runs removed" in done.stdout, done.stderr
+    assert not (repo / "repo" / "results" / "compass" / "runs" / "sft" / "seed5.json").exists()
+    bad = subprocess.run(["bash", str(script), "restart-seed", "compass", "x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "no kept records" in bad.stderr
 
 
-def test_evidence_driver_reads_the_seed_from_the_warm_start_error(tmp_path):
-    """The driver's sed expression (as `start` writes it) finds the seed in the error that
-    `warm_starts` raises on a warm start that is not the kept one."""
+def test_evidence_driver_finds_the_seed_in_the_warm_start_error(tmp_path):
+    """`scripts/evidence.sh mismatched-seed LOG BYTES` (how the driver reads which seed stopped a
+    protocol) on the error `warm_starts` raises, and only in what the last attempt wrote."""
     proto = load_protocol(_protocol(tmp_path, seeds=[12]))
     policy = tmp_path / "runs" / "sft" / "seed12" / "sft_model"
     policy.mkdir(parents=True)
@@ -534,8 +551,60 @@ def test_evidence_driver_reads_the_seed_from_the_warm_start_error(tmp_path):
     (kept / "sft" / "seed12.json").write_text(json.dumps({"sha256": "0" * 64}))
     with pytest.raises(RuntimeError) as raised:
         warm_starts(proto, tmp_path / "runs", kept, jobs=1, threads=1)
-    text = (Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh").read_text()
-    line = next(x for x in text.splitlines() if "the warm start of seed" in x and "sed -n" in x)
-    expr = line.split("sed -n '", 1)[1].split("'", 1)[0].replace("\\\\", "\\")  # as the heredoc writes it
-    log = f"Traceback (most recent call last):\n  ...\nRuntimeError: {raised.value}\n"
-    assert subprocess.run(["sed", "-n", expr], input=log, capture_output=True, text=True).stdout.strip() == "12"
+    log = tmp_path / "compass.log"
+    log.write_text(f"Traceback (most recent call last):\n  ...\nRuntimeError: {raised.value}\n")
+    before = log.stat().st_size
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh"
+
+    def seed(*args: str) -> str:
+        return subprocess.run(["bash", str(script), "mismatched-seed", str(log), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert seed() == "12"
+    with log.open("a") as f:  # the next attempt died without a word about a warm start
+        f.write("[compare] steppo seed 12 done\nKilled\n")
+    assert seed(str(before)) == "" and seed() == "12"
+
+
+def test_evidence_driver_builds_a_mismatched_warm_start_again_then_starts_the_seed_over(tmp_path):
+    """`scripts/evidence.sh drive` with a stand-in for `steppo compare` that stops on seed 3's warm
+    start twice, then finishes: the first time the scratch warm start is removed (built again: a
+    torn copy), the second time seed 3 starts over (kept runs removed, committed), the third
+    attempt runs; the other protocols run once each."""
+    repo = tmp_path / "a" / "repo"
+    runs = {"compass/runs/steppo/seed3/run.json": _attempts("c1"), "compass/runs/steppo/seed2/run.json": _attempts("c1"),
+            "compass/runs/sft/seed3.json": "{}"}
+    _evidence_commit(tmp_path / "a", runs)
+    (repo / "steppo").symlink_to(Path(__file__).resolve().parents[1] / "steppo")
+    work = tmp_path / "evidence"
+    (work / ".venv" / "bin").mkdir(parents=True)
+    (work / "runs" / "compare" / "compass" / "sft" / "seed3" / "sft_model").mkdir(parents=True)
+    calls = work / "calls.txt"
+    error = ("RuntimeError: the warm start of seed 3 (runs/compare/compass/sft/seed3/sft_model) is not the one this "
+             "protocol's kept runs started from (weights sha256 aa, kept bb in x): its runs would not be paired.")
+    stand_in = work / ".venv" / "bin" / "python"
+    stand_in.write_text(f"""#!/usr/bin/env bash
+if [ "$1" != "-m" ]; then exec {sys.executable} "$@"; fi
+echo "$4" >> {calls}
+n=$(grep -c compass.yaml {calls})
+if [ "$4" = configs/compare/compass.yaml ] && [ "$n" -le 2 ]; then
+  echo "[compare] attempt $n"; echo "Traceback (most recent call last):"; echo "{error}"; exit 1
+fi
+echo "[compare] $4 done"
+""")
+    stand_in.chmod(0o755)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "EVIDENCE_DIR": str(work)}
+    done = subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "drive"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().split() == ["configs/compare/compass.yaml"] * 3 + [
+        "configs/compare/smollm2-searchqa.yaml", "configs/compare/compass-long.yaml"]
+    assert done.stdout.count("compass failed (1) on the warm start of seed 3") == 2
+    assert "compass seed 3 starts over: 1 kept runs removed" in done.stdout
+    assert not (work / "runs" / "compare" / "compass" / "sft" / "seed3").exists()
+    kept = repo / "results" / "compass" / "runs"
+    assert not (kept / "steppo" / "seed3").exists() and not (kept / "sft" / "seed3.json").exists()
+    assert (kept / "steppo" / "seed2" / "run.json").exists()
+    log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True).stdout
+    assert "evidence: compass seed 3 starts over (1 kept runs removed, in the history)" in log
