@@ -428,9 +428,10 @@ def tidy_kept(kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, di
         if _read_json(target) != row:
             _write_json(target, row)
     if drop_unused_fingerprints:
+        started = set(_seed_dirs(kept))  # seeds some kept run started from
         for record in sorted((kept / "sft").glob("seed*.json")):
             seed = record.stem[4:]
-            if seed.isdigit() and int(seed) not in _seed_dirs(kept):
+            if seed.isdigit() and int(seed) not in started:
                 print(f"[compare] {record}: no kept run started from this warm start; its fingerprint is dropped "
                       f"(the seed's next warm start is recorded instead)", flush=True)
                 record.unlink()
