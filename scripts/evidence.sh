@@ -128,7 +128,7 @@ case "${1:-status}" in
     commit=$(pinned) || exit 1
     if [ ! -d "$work/.git" ]; then git clone -q "$repo" "$work"; fi
     git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
-    (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models]")
+    (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models,plots]")
     tidy drop || { echo "tidying the kept records failed (above): fix them, then start again" >&2; exit 1; }
     cp "$0" "$work/evidence-driver.sh"  # the driver runs from a copy: editing this file cannot disturb it
     (EVIDENCE_REPO="$repo" EVIDENCE_DIR="$work" setsid nohup bash "$work/evidence-driver.sh" drive \

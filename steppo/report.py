@@ -342,6 +342,12 @@ def _band(series: list[list[dict]], key: str) -> tuple[list[float], list[float],
             [min(c) if c else math.nan for c in cols], [max(c) if c else math.nan for c in cols])
 
 
+def _relative(curve: list[dict], key: str) -> list[dict]:
+    """A run's curve with `key` minus its first point's (the before-RL evaluation); None stays."""
+    start = curve[0][key]
+    return [{**p, key: None if p[key] is None or start is None else p[key] - start} for p in curve]
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -350,13 +356,19 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     written = []
     n = max((len(per) for per in results["runs"].values()), default=0)
-    for key, label, name in (("success", "greedy", "success.png"), ("success_sampled", "sampled", "success_sampled.png")):
+    # success, and (paired by seed) its gain over the seed's start: the before-RL evaluation every
+    # run of a seed shares, so a seed whose start is far from the others does not hide the rest
+    for key, label, name, gain in (("success", "greedy", "success.png", False),
+                                   ("success_sampled", "sampled", "success_sampled.png", False),
+                                   ("success", "greedy", "gain.png", True)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
         for preset in results["presets"]:
             curves = [r["curve"] for r in results["runs"][preset].values() if r["curve"]]
             if not curves or all(p[key] is None for c in curves for p in c):
                 continue
+            if gain:
+                curves = [_relative(c, key) for c in curves]
             xs, mean, lo, hi = _band(curves, key)
             colour = COLOURS.get(preset)
             ax.plot(xs, mean, marker="o", ms=3, label=preset, color=colour, lw=2.2 if preset == "steppo" else 1.2)
@@ -366,10 +378,14 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
-        ax.set_ylim(0, 1)
+        if gain:
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_ylabel(f"held-out success - the seed's start\n({label}; mean, band = min-max over seeds)")
+        else:
+            ax.set_ylim(0, 1)
+            ax.set_ylabel(f"held-out success ({label}; mean, band = min-max over seeds)")
         ax.set_xlabel("environment steps")
-        ax.set_ylabel(f"held-out success ({label}; mean, band = min-max over seeds)")
-        ax.set_title(results["protocol"])
+        ax.set_title(f"{results['protocol']}: gain over each seed's start" if gain else results["protocol"])
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, ncol=2)

@@ -97,7 +97,7 @@ def _micro_protocol_checked(tmp_path):
     text = (out / "table.md").read_text()
     assert "| steppo |" in text and "| grpo |" in text and "starting policy" in text and "**" in text
     assert "**Per seed**" in text and "| preset | seed 0 |" in text
-    for png in ("success.png", "critic_loss.png", "advantage_by_step.png"):
+    for png in ("success.png", "gain.png", "critic_loss.png", "advantage_by_step.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     # each run records the commit it ran at (this checkout's HEAD), and the table says so
@@ -608,3 +608,16 @@ echo "[compare] $4 done"
     assert (kept / "steppo" / "seed2" / "run.json").exists()
     log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True).stdout
     assert "evidence: compass seed 3 starts over (1 kept runs removed, in the history)" in log
+
+
+def test_gain_curve_is_success_minus_the_runs_start():
+    from steppo.report import _relative
+
+    curve = [{"env_steps": 0, "success": 0.25, "success_sampled": None},
+             {"env_steps": 40, "success": 0.5, "success_sampled": 0.125},
+             {"env_steps": 80, "success": None, "success_sampled": 0.5}]
+    assert [p["success"] for p in _relative(curve, "success")] == [0.0, 0.25, None]
+    assert [p["env_steps"] for p in _relative(curve, "success")] == [0, 40, 80]
+    # no start to subtract: every point is unknown, not the raw value
+    assert [p["success_sampled"] for p in _relative(curve, "success_sampled")] == [None, None, None]
+    assert curve[1]["success"] == 0.5  # the input is not changed
