@@ -13,6 +13,8 @@
 # dropped), and when a protocol stops on a seed's warm start, the driver builds that warm start
 # again once (a torn copy on this machine), then, if it still differs, starts the seed over
 # (restart-seed: its kept runs removed in a commit that says why; they stay in the history).
+# A protocol whose compare exits 0 (every run kept, nothing left to train) gets results/<p>/FINISHED
+# and is not compared again, so its report, regenerated at HEAD, is not rewritten at the old commit.
 #
 #   scripts/evidence.sh start         run the protocols in the background (a driver, `drive`)
 #   scripts/evidence.sh status | pause | resume
@@ -100,13 +102,20 @@ drive() {  # the protocols in order, committing every 10 minutes (what start run
   trap 'kill $loop 2>/dev/null' EXIT
   local p attempt size seed rebuilt rc
   for p in "${protocols[@]}"; do
+    # a finished protocol is not compared again: that would rewrite its report with the pinned
+    # commit's report writer over the one regenerated at HEAD
+    [ -e "$repo/results/$p/FINISHED" ] && continue
     rebuilt=""
     for attempt in 1 2 3 4 5; do
       size=$(stat -c %s "$work/$p.log" 2>/dev/null || echo 0)
       rc=0
       .venv/bin/python -m steppo.cli compare "configs/compare/$p.yaml" --jobs 2 --threads 1 \
         --out "$repo/results/$p" >> "$work/$p.log" 2>&1 || rc=$?
-      [ "$rc" = 0 ] && break
+      if [ "$rc" = 0 ]; then
+        echo "every run kept at $(git rev-parse HEAD), $(date -u +%FT%TZ); scripts/evidence.sh compares it no more" \
+          > "$repo/results/$p/FINISHED"
+        break
+      fi
       seed=$(mismatched_seed "$work/$p.log" "$size")
       echo "$(date -u) $p failed ($rc)${seed:+ on the warm start of seed $seed}"
       [ -n "$seed" ] || break
