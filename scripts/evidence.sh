@@ -112,7 +112,8 @@ drive() {  # the protocols in order, committing every 10 minutes (what start run
       .venv/bin/python -m steppo.cli compare "configs/compare/$p.yaml" --jobs 2 --threads 1 \
         --out "$repo/results/$p" >> "$work/$p.log" 2>&1 || rc=$?
       if [ "$rc" = 0 ]; then
-        echo "every run kept at $(git rev-parse HEAD), $(date -u +%FT%TZ); scripts/evidence.sh compares it no more" \
+        mkdir -p "$repo/results/$p"
+        echo "every run kept at $(pinned), $(date -u +%FT%TZ); scripts/evidence.sh compares it no more" \
           > "$repo/results/$p/FINISHED"
         break
       fi

@@ -608,6 +608,16 @@ echo "[compare] $4 done"
     assert (kept / "steppo" / "seed2" / "run.json").exists()
     log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True).stdout
     assert "evidence: compass seed 3 starts over (1 kept runs removed, in the history)" in log
+    # each protocol that finished is marked (at its runs' commit, committed), and not compared again
+    # (that would rewrite its report, regenerated at HEAD, with the old commit's report writer)
+    for p in ("compass", "smollm2-searchqa", "compass-long"):
+        assert (repo / "results" / p / "FINISHED").read_text().startswith("every run kept at c1, ")
+    assert not subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "results"], capture_output=True,
+                              text=True).stdout
+    again = subprocess.run(["bash", str(repo / "scripts" / "evidence.sh"), "drive"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(calls.read_text().split()) == 5
 
 
 def test_gain_curve_is_success_minus_the_runs_start():
