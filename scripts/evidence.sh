@@ -13,10 +13,16 @@
 # dropped), and when a protocol stops on a seed's warm start, the driver builds that warm start
 # again once (a torn copy on this machine), then, if it still differs, starts the seed over
 # (restart-seed: its kept runs removed in a commit that says why; they stay in the history).
+# What a new machine cannot rebuild, it restores: `keep-warm-starts` (run it before a session ends,
+# while the runs are under way) commits the warm starts of the seeds that are part kept, part under
+# way, to results/<p>/warm_starts/ (a few MB each: only those seeds, so the history stays small),
+# and start puts them back where compare looks for them, so those seeds' kept runs stand.
 # A protocol whose compare exits 0 (every run kept, nothing left to train) gets results/<p>/FINISHED
 # and is not compared again, so its report, regenerated at HEAD, is not rewritten at the old commit.
 #
 #   scripts/evidence.sh start         run the protocols in the background (a driver, `drive`)
+#   scripts/evidence.sh keep-warm-starts   commit the warm starts a new machine could not rebuild
+#   scripts/evidence.sh restore-warm-starts   put them back into the scratch runs (what start does)
 #   scripts/evidence.sh status | pause | resume
 #   scripts/evidence.sh commit        the commit a start would run at
 #   scripts/evidence.sh tidy          what start does to the kept records (nothing may be running)
@@ -64,6 +70,26 @@ for name in sys.argv[3:]:
 PY
 }
 
+warm() {  # $1 = keep (scratch -> results/<p>/warm_starts/) or restore (the other way); this checkout's steppo
+  (cd "$repo" && PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$work" "$1" "${protocols[@]}") <<'PY'
+import shutil
+import sys
+from pathlib import Path
+
+from steppo.compare import keep_warm_starts, restore_warm_starts
+
+repo, work, what = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+for name in sys.argv[4:]:
+    results, scratch = repo / "results" / name, work / "runs" / "compare" / name
+    if (results / "FINISHED").exists():  # every run kept: no warm start is needed again
+        shutil.rmtree(results / "warm_starts", ignore_errors=True)
+    elif what == "keep":
+        print(f"{name}: warm starts of seeds {keep_warm_starts(results / 'runs', scratch, results / 'warm_starts')} stored")
+    else:
+        print(f"{name}: warm starts of seeds {restore_warm_starts(results / 'runs', results / 'warm_starts', scratch)} restored")
+PY
+}
+
 keep() {  # commit results/ when it changed (one git writer at a time); say so when a commit fails
   local why=$1
   (
@@ -84,7 +110,7 @@ restart_seed() {  # P K: seed K's kept runs, fingerprint and starting row go, in
   shopt -s nullglob
   dirs=("$kept"/*/"seed$k")
   shopt -u nullglob
-  rm -rf "${dirs[@]}" "$kept/sft/seed$k.json" "$kept/zero_shot/seed$k.json"
+  rm -rf "${dirs[@]}" "$kept/sft/seed$k.json" "$kept/zero_shot/seed$k.json" "$repo/results/$p/warm_starts/seed$k"
   keep "$p seed $k starts over (${#dirs[@]} kept runs removed, in the history): its warm start, rebuilt on this machine, is not the one they started from (behaviour cloning is not bitwise reproducible across CPUs), so new runs could not be paired with them"
   echo "$(date -u) $p seed $k starts over: ${#dirs[@]} kept runs removed (its warm start could not be rebuilt here)"
 }
@@ -140,11 +166,16 @@ case "${1:-status}" in
     git -C "$work" fetch -q "$repo" && git -C "$work" checkout -q "$commit"
     (cd "$work" && python3 -m venv .venv && .venv/bin/pip install -q -c constraints.txt -e ".[envs,models,plots]")
     tidy drop || { echo "tidying the kept records failed (above): fix them, then start again" >&2; exit 1; }
+    warm restore || { echo "restoring the stored warm starts failed (above)" >&2; exit 1; }
     cp "$0" "$work/evidence-driver.sh"  # the driver runs from a copy: editing this file cannot disturb it
     (EVIDENCE_REPO="$repo" EVIDENCE_DIR="$work" setsid nohup bash "$work/evidence-driver.sh" drive \
       >> "$work/driver.log" 2>&1 &)
     echo "started at $commit; logs in $work/*.log";;
   drive) drive;;
+  restore-warm-starts) warm restore;;
+  keep-warm-starts)  # (under the git lock: the 10-minute commit must not take a copy half made)
+    ( flock 9; warm keep ) 9> "$repo/.git/evidence.lock"
+    keep "warm starts of the seeds under way (a new machine restores them)";;
   commit) commit=$(pinned) || exit 1; echo "$commit";;
   tidy) if running; then echo "runs are under way: tidying now could drop a fingerprint they need" >&2; exit 1; fi
         tidy drop;;
@@ -155,6 +186,6 @@ case "${1:-status}" in
   status) pgrep -af "steppo.cli compare .*--out $repo/results/" || echo "not running"; tail -n 3 "$work"/*.log 2>/dev/null || true;;
   pause) pkill -STOP -f "steppo.cli" && echo "paused $(date -u)" >> "$work/pauses.txt";;
   resume) pkill -CONT -f "steppo.cli" && echo "resumed $(date -u)" >> "$work/pauses.txt";;
-  *) echo "usage: $0 start | status | pause | resume | commit | tidy | restart-seed P K | mismatched-seed LOG [BYTES]" >&2
+  *) echo "usage: $0 start | status | pause | resume | commit | tidy | keep-warm-starts | restore-warm-starts | restart-seed P K | mismatched-seed LOG [BYTES]" >&2
      exit 2;;
 esac

@@ -47,6 +47,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -436,3 +437,73 @@ def tidy_kept(kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, di
                       f"(the seed's next warm start is recorded instead)", flush=True)
                 record.unlink()
     return rows
+
+
+def _under_way(scratch: Path, seed: int) -> bool:
+    """Whether a run of `seed` started in the scratch directory and has not finished there."""
+    return any(run.is_dir() and not (run / "done.json").exists()
+               for run in scratch.glob(f"*/seed{seed}") if run.parent.name != "sft")
+
+
+def keep_warm_starts(kept: Path, scratch: Path, store: Path) -> list[int]:
+    """Copy the warm starts a later machine could not rebuild into `store` (to be committed).
+
+    Behaviour cloning is not bitwise reproducible across CPUs, so a seed whose runs are part kept,
+    part under way when its machine goes would lose its kept runs on the next machine (their start
+    cannot be rebuilt there: `warm_starts` stops on the fingerprint). For each such seed (a kept run
+    started from its warm start, ``kept/sft/seed<k>.json``, and a run of it is under way in
+    `scratch`), the warm start ``scratch/sft/seed<k>/sft_model`` is copied to ``store/seed<k>/``
+    when its weights match the kept fingerprint; `restore_warm_starts` puts it back. A stored warm
+    start whose fingerprint record is gone or differs (its seed started over) is removed.
+    Returns the seeds stored by this call."""
+    stored = []
+    started = _seed_dirs(kept)
+    for record in sorted((kept / "sft").glob("seed*.json")) if (kept / "sft").is_dir() else []:
+        seed = record.stem[4:]
+        if not seed.isdigit() or int(seed) not in started or not _under_way(scratch, int(seed)):
+            continue
+        source, target = scratch / "sft" / f"seed{seed}" / "sft_model", store / f"seed{seed}"
+        want = (_read_json(record) or {}).get("sha256")
+        if not (source / "config.json").exists() or fingerprint(source) != want:
+            continue
+        if (target / "config.json").exists() and fingerprint(target) == want:
+            continue  # stored already
+        _copy_dir(source, target)
+        stored.append(int(seed))
+    for target in sorted(store.glob("seed*")) if store.is_dir() else []:
+        want = (_read_json(kept / "sft" / f"{target.name}.json") or {}).get("sha256")
+        if want is None or fingerprint(target) != want:
+            shutil.rmtree(target)
+    return stored
+
+
+def restore_warm_starts(kept: Path, store: Path, scratch: Path) -> list[int]:
+    """Put the stored warm starts (`keep_warm_starts`) back into a new machine's scratch directory,
+    where `warm_starts` finds them instead of building them again. Only a stored copy that matches
+    its seed's kept fingerprint is restored, and never over a warm start built there (that one is
+    checked against the fingerprint as it is). Returns the seeds restored."""
+    restored = []
+    for source in sorted(store.glob("seed*")) if store.is_dir() else []:
+        if not source.name[4:].isdigit():
+            continue  # (a torn copy)
+        want = (_read_json(kept / "sft" / f"{source.name}.json") or {}).get("sha256")
+        target = scratch / "sft" / source.name / "sft_model"
+        if want is None or (target / "config.json").exists():
+            continue
+        if fingerprint(source) != want:
+            print(f"[compare] {source}: not the warm start its seed's kept runs started from; not restored", flush=True)
+            continue
+        _copy_dir(source, target)
+        restored.append(int(source.name[4:]))
+    return restored
+
+
+def _copy_dir(source: Path, target: Path) -> None:
+    """Copy a directory so that `target` appears whole or not at all (a copy torn by a kill is
+    left under a ``.tmp`` name, cleared by the next copy)."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)

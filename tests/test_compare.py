@@ -14,7 +14,9 @@ from steppo.compare import (
     RECORD_FILES,
     _steppo,
     fingerprint,
+    keep_warm_starts,
     load_protocol,
+    restore_warm_starts,
     run_config,
     run_protocol,
     seeds_of,
@@ -619,6 +621,100 @@ echo "[compare] $4 done"
     assert again.returncode == 0, again.stderr
     assert len(calls.read_text().split()) == 5
 
+
+
+def _built_warm_start(policy: Path, weights: bytes) -> str:
+    """A warm start as `warm_starts` leaves it (a model directory); its fingerprint."""
+    policy.mkdir(parents=True)
+    (policy / "config.json").write_text("{}")
+    (policy / "model.safetensors").write_bytes(weights)
+    return fingerprint(policy)
+
+
+def _seeds_part_kept_part_under_way(tmp_path: Path) -> tuple[Path, Path]:
+    """Kept records and an old machine's scratch runs: seed 0 finished; seed 1 part kept, part
+    under way; seed 2 under way with nothing kept; seed 3 part kept, part under way, but its
+    scratch warm start is not the one its kept run started from."""
+    kept, scratch = tmp_path / "kept", tmp_path / "old"
+    (kept / "sft").mkdir(parents=True)
+    for seed in (0, 1, 2, 3):
+        digest = _built_warm_start(scratch / "sft" / f"seed{seed}" / "sft_model", f"weights {seed}".encode())
+        (kept / "sft" / f"seed{seed}.json").write_text(json.dumps({"sha256": digest}))
+        if seed != 2:
+            _kept_run(kept, "steppo", seed, "10")
+    for seed in (1, 2, 3):
+        (scratch / "ppo" / f"seed{seed}").mkdir(parents=True)  # started, not done
+    (scratch / "steppo" / "seed0").mkdir(parents=True)
+    (scratch / "steppo" / "seed0" / "done.json").write_text("{}")
+    (scratch / "sft" / "seed3" / "sft_model" / "model.safetensors").write_bytes(b"rebuilt on another CPU")
+    return kept, scratch
+
+
+def test_warm_starts_of_seeds_under_way_are_stored_and_restored_on_a_new_machine(tmp_path):
+    """A seed part kept, part under way when its machine goes: its warm start is stored (only
+    that seed's, only a copy matching the kept fingerprint), restored on a new machine, and taken
+    there by `warm_starts` as built (no behaviour cloning, no mismatch), so its kept runs stand."""
+    kept, scratch = _seeds_part_kept_part_under_way(tmp_path)
+    store = tmp_path / "store"
+    (store / "seed7").mkdir(parents=True)  # a seed that started over since: no fingerprint record
+    (store / "seed7" / "model.safetensors").write_bytes(b"old")
+    assert keep_warm_starts(kept, scratch, store) == [1]
+    assert sorted(d.name for d in store.iterdir()) == ["seed1"]
+    assert keep_warm_starts(kept, scratch, store) == []  # stored already
+    new = tmp_path / "new"
+    assert restore_warm_starts(kept, store, new) == [1]
+    want = json.loads((kept / "sft" / "seed1.json").read_text())["sha256"]
+    assert fingerprint(new / "sft" / "seed1" / "sft_model") == want
+    proto = load_protocol(_protocol(tmp_path, seeds=[1]))
+    starts = warm_starts(proto, new, kept, jobs=1, threads=1, need=[1])
+    assert starts[1] == str(new / "sft" / "seed1" / "sft_model")
+    assert not (new / "sft" / "seed1" / "log.txt").exists()  # nothing was built
+    assert restore_warm_starts(kept, store, new) == []  # never over a warm start that is there
+
+
+def test_a_stored_warm_start_that_does_not_match_is_not_restored_and_is_dropped(tmp_path):
+    kept, scratch = _seeds_part_kept_part_under_way(tmp_path)
+    store = tmp_path / "store"
+    keep_warm_starts(kept, scratch, store)
+    (store / "seed1" / "model.safetensors").write_bytes(b"torn")
+    new = tmp_path / "new"
+    assert restore_warm_starts(kept, store, new) == [] and not (new / "sft" / "seed1").exists()
+    assert keep_warm_starts(kept, scratch, store) == [1]  # the scratch copy is stored again
+    assert fingerprint(store / "seed1") == json.loads((kept / "sft" / "seed1.json").read_text())["sha256"]
+    (kept / "sft" / "seed1.json").unlink()  # the seed started over
+    assert keep_warm_starts(kept, scratch, store) == [] and not (store / "seed1").exists()
+
+
+def test_evidence_commits_the_warm_starts_of_seeds_under_way_and_restores_them(tmp_path):
+    """`scripts/evidence.sh keep-warm-starts` commits results/<p>/warm_starts/ (with this
+    checkout's steppo); `restore-warm-starts` (what start does on a new machine) puts them back."""
+    repo = tmp_path / "a" / "repo"
+    _evidence_commit(tmp_path / "a", {})
+    (repo / "steppo").symlink_to(Path(__file__).resolve().parents[1] / "steppo")
+    kept, scratch = _seeds_part_kept_part_under_way(tmp_path)
+    shutil.copytree(kept, repo / "results" / "compass-long" / "runs")
+    old, new = tmp_path / "old-machine", tmp_path / "new-machine"
+    for machine in (old, new):
+        (machine / ".venv" / "bin").mkdir(parents=True)
+        (machine / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    (old / "runs" / "compare").mkdir(parents=True)
+    shutil.copytree(scratch, old / "runs" / "compare" / "compass-long")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    script = repo / "scripts" / "evidence.sh"
+    done = subprocess.run(["bash", str(script), "keep-warm-starts"], capture_output=True, text=True,
+                          env={**env, "EVIDENCE_DIR": str(old)})
+    assert done.returncode == 0, done.stderr
+    assert "compass-long: warm starts of seeds [1] stored" in done.stdout
+    files = subprocess.run(["git", "-C", str(repo), "show", "--name-only", "--format=%s", "HEAD"],
+                           capture_output=True, text=True).stdout.split()
+    assert "results/compass-long/warm_starts/seed1/model.safetensors" in files
+    done = subprocess.run(["bash", str(script), "restore-warm-starts"], capture_output=True, text=True,
+                          env={**env, "EVIDENCE_DIR": str(new)})
+    assert done.returncode == 0, done.stderr
+    assert "compass-long: warm starts of seeds [1] restored" in done.stdout
+    restored = new / "runs" / "compare" / "compass-long" / "sft" / "seed1" / "sft_model"
+    assert fingerprint(restored) == fingerprint(old / "runs" / "compare" / "compass-long" / "sft" / "seed1" / "sft_model")
 
 def test_gain_curve_is_success_minus_the_runs_start():
     from steppo.report import _relative
