@@ -54,9 +54,12 @@ PY
 
 running() { pgrep -f "steppo.cli compare .*--out $repo/results/" > /dev/null; }  # this checkout's
 
+checkout_python() {  # python (stdin) with this checkout's steppo, from its root (no other steppo first)
+  (cd "$repo" && PYTHONPATH="$repo" "$work/.venv/bin/python" - "$@")
+}
+
 tidy() {  # $1 = drop (at start, nothing running) or rows (while runs are under way)
-  # this checkout's steppo (from its root, so no other steppo on the path comes first)
-  (cd "$repo" && PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$1" "${protocols[@]}") <<'PY'
+  checkout_python "$repo" "$1" "${protocols[@]}" <<'PY'
 import sys
 from pathlib import Path
 
@@ -71,7 +74,7 @@ PY
 }
 
 warm() {  # $1 = keep (scratch -> results/<p>/warm_starts/) or restore (the other way); this checkout's steppo
-  (cd "$repo" && PYTHONPATH="$repo" "$work/.venv/bin/python" - "$repo" "$work" "$1" "${protocols[@]}") <<'PY'
+  checkout_python "$repo" "$work" "$1" "${protocols[@]}" <<'PY'
 import shutil
 import sys
 from pathlib import Path

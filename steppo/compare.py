@@ -219,7 +219,7 @@ def warm_starts(proto: dict, root: Path, kept: Path, jobs: int, threads: int,
             _steppo(["sft", "--config", str(cfg), "--overwrite"], run_dir / "log.txt", threads)
         digest = fingerprint(policy)
         record = kept / "sft" / f"seed{seed}.json"
-        earlier = (_read_json(record) or {}).get("sha256")
+        earlier = _kept_fingerprint(kept, f"seed{seed}")
         if earlier is None:
             _write_json(record, {"sha256": digest})
         elif earlier != digest:
@@ -439,6 +439,11 @@ def tidy_kept(kept: Path, drop_unused_fingerprints: bool = True) -> dict[int, di
     return rows
 
 
+def _kept_fingerprint(kept: Path, seed_name: str) -> str | None:
+    """The warm-start fingerprint a seed's kept runs started from (``kept/sft/<seed_name>.json``)."""
+    return (_read_json(kept / "sft" / f"{seed_name}.json") or {}).get("sha256")
+
+
 def _under_way(scratch: Path, seed: int) -> bool:
     """Whether a run of `seed` started in the scratch directory and has not finished there."""
     return any(run.is_dir() and not (run / "done.json").exists()
@@ -456,6 +461,10 @@ def keep_warm_starts(kept: Path, scratch: Path, store: Path) -> list[int]:
     when its weights match the kept fingerprint; `restore_warm_starts` puts it back. A stored warm
     start whose fingerprint record is gone or differs (its seed started over) is removed.
     Returns the seeds stored by this call."""
+    for target in sorted(store.glob("seed*")) if store.is_dir() else []:  # stale copies (torn ones too) go first
+        want = _kept_fingerprint(kept, target.name)
+        if want is None or fingerprint(target) != want:
+            shutil.rmtree(target)
     stored = []
     started = _seed_dirs(kept)
     for record in sorted((kept / "sft").glob("seed*.json")) if (kept / "sft").is_dir() else []:
@@ -463,17 +472,11 @@ def keep_warm_starts(kept: Path, scratch: Path, store: Path) -> list[int]:
         if not seed.isdigit() or int(seed) not in started or not _under_way(scratch, int(seed)):
             continue
         source, target = scratch / "sft" / f"seed{seed}" / "sft_model", store / f"seed{seed}"
-        want = (_read_json(record) or {}).get("sha256")
-        if not (source / "config.json").exists() or fingerprint(source) != want:
-            continue
-        if (target / "config.json").exists() and fingerprint(target) == want:
-            continue  # stored already
-        _copy_dir(source, target)
-        stored.append(int(seed))
-    for target in sorted(store.glob("seed*")) if store.is_dir() else []:
-        want = (_read_json(kept / "sft" / f"{target.name}.json") or {}).get("sha256")
-        if want is None or fingerprint(target) != want:
-            shutil.rmtree(target)
+        if target.exists() or not (source / "config.json").exists():
+            continue  # stored already (a stored copy left here matches), or not built on this machine
+        if fingerprint(source) == _kept_fingerprint(kept, f"seed{seed}"):
+            _copy_dir(source, target)
+            stored.append(int(seed))
     return stored
 
 
@@ -486,7 +489,7 @@ def restore_warm_starts(kept: Path, store: Path, scratch: Path) -> list[int]:
     for source in sorted(store.glob("seed*")) if store.is_dir() else []:
         if not source.name[4:].isdigit():
             continue  # (a torn copy)
-        want = (_read_json(kept / "sft" / f"{source.name}.json") or {}).get("sha256")
+        want = _kept_fingerprint(kept, source.name)
         target = scratch / "sft" / source.name / "sft_model"
         if want is None or (target / "config.json").exists():
             continue
