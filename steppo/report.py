@@ -4,7 +4,9 @@
 `write_results` writes ``results.json``, ``table.md`` and the PNG plots. The statistics are
 the ones the protocols pre-register (``configs/compare/compass.yaml``):
 
-- per preset: mean +- std over seeds of the final held-out success (greedy and sampled);
+- per preset: mean +- std over seeds of the final held-out success (greedy and sampled); where a
+  precision rule added seeds for some presets, over the protocol's seeds (like with like), with a
+  second row over all of a preset's seeds;
 - StepPO against each baseline: the paired difference (same seed = same warm start, same
   held-out tasks) with a 95% percentile interval from a two-level bootstrap (seeds with
   replacement, then tasks with replacement within each seed, the same tasks for both presets;
@@ -209,12 +211,14 @@ def statistics_of(results: dict[str, Any], reference: str = "steppo") -> dict[st
     """The pre-registered statistics of a comparison (see the module doc)."""
     presets = results["presets"]
     out: dict[str, Any] = {"per_preset": {}, "paired": {}, "best_baseline": None}
+    base = _protocol_seeds(results)
     for p in presets:
         runs = results["runs"][p].values()
         reached = [steps_to_threshold(r) for r in runs]
+        common = _on(results["runs"][p], base)  # success means compare presets on the same seeds
         out["per_preset"][p] = {
-            "greedy": _mean_std([r["final_success"] for r in runs]),
-            "sampled": _mean_std([r["final_success_sampled"] for r in runs]),
+            "greedy": _mean_std([r["final_success"] for r in common]),
+            "sampled": _mean_std([r["final_success_sampled"] for r in common]),
             "steps_to_threshold": _mean([x for x in reached if x is not None]),
             "threshold_reached": f"{sum(x is not None for x in reached)}/{len(reached)}",
             "final_critic_loss": _mean_std([r.get("final_critic_loss") for r in runs]),
@@ -224,9 +228,7 @@ def statistics_of(results: dict[str, Any], reference: str = "steppo") -> dict[st
         for b in [p for p in presets if p != reference]:
             out["paired"][b] = {m: paired_difference(results, reference, b, m) for m in ("greedy", "sampled")}
         # on the protocol's seeds: a preset's added seeds (a precision rule) do not change which is best
-        base = {str(x) for x in results["seeds"]}
-        means = {b: _mean_std([r["final_success"] for s, r in results["runs"][b].items() if s in base])[0]
-                 for b in baselines}
+        means = {b: out["per_preset"][b]["greedy"][0] for b in baselines}
         scored = [(m, b) for b, m in means.items() if not math.isnan(m)]
         out["best_baseline"] = max(scored)[1] if scored else None
     return out
@@ -239,16 +241,29 @@ def _fmt_ms(ms: tuple[float, float]) -> str:
     return "-" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
+def _protocol_seeds(results: dict[str, Any]) -> set[str] | None:
+    """The protocol's own seeds (str) when some preset also ran added seeds (a precision rule), else
+    None: then means over every preset's seeds compare like with like, and over all seeds they do not."""
+    base = {str(s) for s in results.get("seeds") or []}
+    added = any(s not in base for per in results["runs"].values() for s in per)
+    return base if base and added else None
+
+
+def _on(per: dict[str, Any], seeds: set[str] | None) -> list[dict[str, Any]]:
+    return [r for s, r in per.items() if seeds is None or str(s) in seeds]
+
+
 def table(results: dict[str, Any]) -> str:
-    rows = []
-    for preset in results["presets"]:
-        per = results["runs"][preset].values()
-        g = _mean_std([r["final_success"] for r in per])
-        smp = _mean_std([r["final_success_sampled"] for r in per])
-        steps = _mean_std([r["env_steps"] for r in per])
-        run_s = _mean_std([r.get("time_s") for r in per])
-        seeds = sum(r["final_success"] is not None for r in per)
-        rows.append((preset, g, smp, steps, run_s, seeds))
+    """Mean ± std over seeds per preset (Markdown; bold: the best mean). Where some presets ran added
+    seeds, every row is over the protocol's seeds and those presets get a second row over all theirs."""
+    base = _protocol_seeds(results)
+
+    def summary(per: list[dict[str, Any]]) -> tuple:
+        return (_mean_std([r["final_success"] for r in per]), _mean_std([r["final_success_sampled"] for r in per]),
+                _mean_std([r["env_steps"] for r in per]), _mean_std([r.get("time_s") for r in per]),
+                sum(r["final_success"] is not None for r in per))
+
+    rows = [(preset, *summary(_on(results["runs"][preset], base))) for preset in results["presets"]]
     best_g = max((r[1][0] for r in rows if not math.isnan(r[1][0])), default=None)
     best_s = max((r[2][0] for r in rows if not math.isnan(r[2][0])), default=None)
 
@@ -258,17 +273,35 @@ def table(results: dict[str, Any]) -> str:
         text = f"{ms[0]:.3f} ± {ms[1]:.3f}"
         return f"**{text}**" if best is not None and abs(ms[0] - best) < 1e-12 else text
 
+    over = "the protocol's seeds" if base else "seeds"
     lines = [
-        "| preset | held-out success, greedy (mean ± std over seeds) | sampled | env steps | time s | seeds |",
+        f"| preset | held-out success, greedy (mean ± std over {over}) | sampled | env steps | time s | seeds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    if results.get("zero_shot"):
-        zs = list(results["zero_shot"].values())
+    zero = {str(s): z for s, z in (results.get("zero_shot") or {}).items()}  # int keys before JSON
+
+    def start_row(label: str, seeds: set[str] | None) -> None:
+        zs = [z for s, z in zero.items() if seeds is None or s in seeds]
         greedy, sampled = (_fmt_ms(_mean_std([z.get(k) for z in zs])) for k in ("success", "success_sampled"))
-        lines.append(f"| starting policy (no RL) | {greedy} | {sampled} | 0 | - | {len(zs)} |")
-    for preset, g, smp, steps, run_s, seeds in rows:
+        lines.append(f"| {label} | {greedy} | {sampled} | 0 | - | {len(zs)} |")
+
+    def preset_row(label: str, g, smp, steps, run_s, seeds, bold: bool) -> None:
         time_text = "-" if math.isnan(run_s[0]) else f"{run_s[0]:.0f}"
-        lines.append(f"| {preset} | {cell(g, best_g)} | {cell(smp, best_s)} | {steps[0]:.0f} | {time_text} | {seeds} |")
+        lines.append(f"| {label} | {cell(g, best_g if bold else None)} | {cell(smp, best_s if bold else None)} | "
+                     f"{steps[0]:.0f} | {time_text} | {seeds} |")
+
+    if zero:
+        start_row("starting policy (no RL)", base)
+    for preset, *summ in rows:
+        preset_row(preset, *summ, bold=True)
+    if base:
+        if zero and len(zero) > len(base):
+            start_row(f"starting policy, all {len(zero)} seeds", None)
+        for preset in results["presets"]:
+            per = results["runs"][preset]
+            if len(per) > len(_on(per, base)):
+                preset_row(f"{preset}, all {len(per)} seeds (with the added ones)", *summary(list(per.values())),
+                           bold=False)
     return "\n".join(lines) + "\n"
 
 
@@ -321,7 +354,8 @@ def statistics_tables(results: dict[str, Any], stats: dict[str, Any], reference:
         lines.append(f"| {p} | {steps} | {s['threshold_reached']} | {_fmt_ms(s['final_critic_loss'])} |")
     present = [(p, name) for p, name in ABLATIONS if p in results["presets"]]
     if len(present) > 1:
-        lines += ["", "| ablation | greedy success | sampled | difference to full StepPO (greedy) [95% CI] |",
+        over = " (protocol's seeds)" if _protocol_seeds(results) else ""
+        lines += ["", f"| ablation | greedy success{over} | sampled | full StepPO − it (greedy, paired) [95% CI] |",
                   "|---|---:|---:|---:|"]
         for p, name in present:
             s = stats["per_preset"][p]

@@ -348,8 +348,20 @@ def test_added_seeds_run_only_their_presets_and_do_not_pick_the_best_baseline(tm
     # the paired difference against ppo uses every seed both ran (3), against grpo the 2 common ones
     assert stats["paired"]["ppo"]["greedy"]["seeds"] == 3 and stats["paired"]["grpo"]["greedy"]["seeds"] == 2
     assert abs(stats["paired"]["ppo"]["greedy"]["difference"] - (0.6 + 0.6 + 0.1) / 3) < 1e-12
+    # the summary compares like with like: every row on the protocol's seeds, then ppo's and steppo's
+    # rows over all their seeds (not bold: not comparable with the others)
+    res["zero_shot"] = {0: {"success": 0.3}, 1: {"success": 0.5}, 2: {"success": 0.7}}
     text = table(res)
-    assert "| ppo | 0.567 ± 0.289 | - | 10 | 1 | 3 |" in text and "| grpo | 0.500 ± 0.000 | - | 10 | 1 | 2 |" in text
+    assert "mean ± std over the protocol's seeds" in text
+    assert "| ppo | 0.400 ± 0.000 | - | 10 | 1 | 2 |" in text and "| grpo | 0.500 ± 0.000 | - | 10 | 1 | 2 |" in text
+    assert "| steppo | **1.000 ± 0.000** |" in text
+    assert "| starting policy (no RL) | 0.400 ± 0.141 | - | 0 | - | 2 |" in text
+    assert "| starting policy, all 3 seeds | 0.500 ± 0.200 | - | 0 | - | 3 |" in text
+    assert "| ppo, all 3 seeds (with the added ones) | 0.567 ± 0.289 | - | 10 | 1 | 3 |" in text
+    assert "| steppo, all 3 seeds (with the added ones) | 1.000 ± 0.000 |" in text and "grpo, all" not in text
+    assert stats["per_preset"]["ppo"]["greedy"] == (0.4, 0.0)
+    # without added seeds there is one row per preset, over all its seeds
+    assert "all 2 seeds" not in table(_results([_run("11")] * 2, [_run("10")] * 2))
 
 
 def test_per_seed_table_shows_every_seed_and_a_dash_where_a_preset_did_not_run():
