@@ -382,6 +382,13 @@ def _relative(curve: list[dict], key: str) -> list[dict]:
     return [{**p, key: None if p[key] is None or start is None else p[key] - start} for p in curve]
 
 
+def _legend(results: dict[str, Any], preset: str) -> str:
+    """A plot's label: the preset, and its number of seeds where a precision rule added seeds to
+    some presets (their curves average over more seeds than the others')."""
+    base, per = _protocol_seeds(results), results["runs"][preset]
+    return f"{preset} ({len(per)} seeds)" if base and len(per) != len(base) else preset
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -405,7 +412,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 curves = [_relative(c, key) for c in curves]
             xs, mean, lo, hi = _band(curves, key)
             colour = COLOURS.get(preset)
-            ax.plot(xs, mean, marker="o", ms=3, label=preset, color=colour, lw=2.2 if preset == "steppo" else 1.2)
+            ax.plot(xs, mean, marker="o", ms=3, label=_legend(results, preset), color=colour, lw=2.2 if preset == "steppo" else 1.2)
             if n > 1:
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0)
             drawn = True
@@ -431,7 +438,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         if not runs:
             continue
         xs, mean, lo, hi = _band(runs, "loss")
-        ax.plot(xs, mean, label=preset, color=COLOURS.get(preset))
+        ax.plot(xs, mean, label=_legend(results, preset), color=COLOURS.get(preset))
         if n > 1:
             ax.fill_between(xs, lo, hi, color=COLOURS.get(preset), alpha=0.12, lw=0)
     ax.set_xlabel("environment steps")
@@ -451,7 +458,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
             continue
         k = min(len(a) for a in adv)
         ys = [statistics.mean(a[i] for a in adv if a[i] is not None) for i in range(k)]
-        ax.plot(range(k), ys, marker="o", ms=3, label=preset, color=COLOURS.get(preset))
+        ax.plot(range(k), ys, marker="o", ms=3, label=_legend(results, preset), color=COLOURS.get(preset))
     ax.set_xlabel("step index within the episode")
     ax.set_ylabel("mean advantage (over iterations and seeds)")
     ax.set_title(f"{results['protocol']}: advantage by step")

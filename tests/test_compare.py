@@ -27,6 +27,7 @@ from steppo.compare import (
 )
 from steppo.config import ConfigError
 from steppo.report import (
+    _legend,
     contrast,
     paired_difference,
     per_seed_table,
@@ -360,6 +361,8 @@ def test_added_seeds_run_only_their_presets_and_do_not_pick_the_best_baseline(tm
     assert "| ppo, all 3 seeds (with the added ones) | 0.567 ± 0.289 | - | 10 | 1 | 3 |" in text
     assert "| steppo, all 3 seeds (with the added ones) | 1.000 ± 0.000 |" in text and "grpo, all" not in text
     assert stats["per_preset"]["ppo"]["greedy"] == (0.4, 0.0)
+    # plot legends say which curves average over more seeds than the others
+    assert [_legend(res, p) for p in res["presets"]] == ["steppo (3 seeds)", "ppo (3 seeds)", "grpo"]
     # without added seeds there is one row per preset, over all its seeds
     assert "all 2 seeds" not in table(_results([_run("11")] * 2, [_run("10")] * 2))
 
