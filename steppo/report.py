@@ -249,6 +249,11 @@ def _protocol_seeds(results: dict[str, Any]) -> set[str] | None:
     return base if base and added else None
 
 
+def _starts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each seed's starting-policy row by str seed (the keys are ints before a JSON round trip)."""
+    return {str(s): z for s, z in (results.get("zero_shot") or {}).items()}
+
+
 def _on(per: dict[str, Any], seeds: set[str] | None) -> list[dict[str, Any]]:
     return [r for s, r in per.items() if seeds is None or str(s) in seeds]
 
@@ -278,7 +283,7 @@ def table(results: dict[str, Any]) -> str:
         f"| preset | held-out success, greedy (mean ± std over {over}) | sampled | env steps | time s | seeds |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    zero = {str(s): z for s, z in (results.get("zero_shot") or {}).items()}  # int keys before JSON
+    zero = _starts(results)
 
     def start_row(label: str, seeds: set[str] | None) -> None:
         zs = [z for s, z in zero.items() if seeds is None or s in seeds]
@@ -315,7 +320,7 @@ def per_seed_table(results: dict[str, Any]) -> str:
     lines = ["\n**Per seed**: final greedy held-out success (the same seed = the same start).\n",
              "| preset | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|" + "---:|" * len(seeds)]
-    zero = {str(s): z for s, z in (results.get("zero_shot") or {}).items()}  # int keys before JSON
+    zero = _starts(results)
     if zero:
         lines.append("| starting policy (no RL) | " + " | ".join(
             f"{zero[str(s)]['success']:.3f}" if str(s) in zero else "-" for s in seeds) + " |")
