@@ -391,7 +391,7 @@ def _legend(results: dict[str, Any], preset: str) -> str:
     """A plot's label: the preset, and its number of seeds where a precision rule added seeds to
     some presets (their curves average over more seeds than the others')."""
     base, per = _protocol_seeds(results), results["runs"][preset]
-    return f"{preset} ({len(per)} seeds)" if base and len(per) != len(base) else preset
+    return f"{preset} ({len(per)} seeds)" if base and len(per) > len(_on(per, base)) else preset
 
 
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
@@ -417,7 +417,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 curves = [_relative(c, key) for c in curves]
             xs, mean, lo, hi = _band(curves, key)
             colour = COLOURS.get(preset)
-            ax.plot(xs, mean, marker="o", ms=3, label=_legend(results, preset), color=colour, lw=2.2 if preset == "steppo" else 1.2)
+            ax.plot(xs, mean, marker="o", ms=3, label=_legend(results, preset), color=colour,
+                    lw=2.2 if preset == "steppo" else 1.2)
             if n > 1:
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.12, lw=0)
             drawn = True
